@@ -1,0 +1,210 @@
+"""Decode-step benchmark: vattention.decode vs dense SDPA vs the naive PyTorch composition.
+
+    python benchmarks/bench_decode.py                       # GPU: contexts 8K-128K, batch 1-16
+    python benchmarks/bench_decode.py --quick --device cpu  # smoke run
+
+Prints a table, writes JSON (--json) and a PNG of speedup over dense vs context (--plot).
+Times are medians of CUDA-event timings on the named device; compare ratios, not
+absolute times, across machines. The inputs are synthetic heads with moderately
+peaked attention and correlated values (see make_inputs); the density reached is
+reported with every row, since the speed of a sparse method depends on it.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vattention  # noqa: E402
+from naive_decode import naive_decode  # noqa: E402
+
+
+def make_inputs(batch, q_heads, kv_heads, length, dim, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = 2.5 * torch.randn(batch, q_heads, dim, generator=g)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g)
+    # A few keys aligned with the group's queries: the heavy hitters real heads have.
+    spikes = torch.randint(0, length, (batch, kv_heads, max(1, length // 500)), generator=g)
+    group_q = q.view(batch, kv_heads, -1, dim).mean(2, keepdim=True)
+    k.scatter_(2, spikes[..., None].expand(-1, -1, -1, dim),
+               (3.0 * group_q / group_q.norm(dim=-1, keepdim=True) * math.sqrt(dim))
+               .expand(-1, -1, spikes.shape[-1], -1))
+    mean = torch.randn(batch, kv_heads, 1, dim, generator=g)
+    v = mean + 0.5 * torch.randn(batch, kv_heads, length, dim, generator=g)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, repeats, warmup=3):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+class StageTimes:
+    """stage_timer for vattention.decode: sums CUDA-event (or wall) time per stage."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.events = defaultdict(list)
+
+    def __call__(self, name):
+        timer = self
+
+        class Span:
+            def __enter__(self):
+                if timer.cuda:
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
+                else:
+                    self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.cuda:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    timer.events[name].append((self.start, end))
+                else:
+                    timer.events[name].append((time.perf_counter() - self.start) * 1e3)
+
+        return Span()
+
+    def totals(self, calls):
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for name, spans in self.events.items():
+            total = sum(s.elapsed_time(e) for s, e in spans) if self.cuda else sum(spans)
+            out[name] = total / calls
+        return out
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    timer = Timer(device)
+    cfg = vattention.VAttentionConfig(epsilon=args.epsilon, delta=args.delta, rule=args.rule,
+                                      heavy=args.heavy, base_rate=args.base_rate)
+    records = []
+    for batch in args.batches:
+        for length in args.contexts:
+            q, k, v = make_inputs(batch, args.q_heads, args.kv_heads, length, args.dim, dtype,
+                                  device)
+            seed = torch.tensor([1234, 0], dtype=torch.int64, device=device)
+            q4 = q[:, :, None]
+            dense = timer(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+                          args.repeats)
+            sparse = timer(lambda: vattention.decode(q, k, v, cfg, seed=seed), args.repeats)
+            naive = timer(lambda: naive_decode(q, k, v, epsilon=args.epsilon, delta=args.delta,
+                                               heavy=args.heavy, base_rate=args.base_rate),
+                          args.repeats)
+            stages = StageTimes(device)
+            for _ in range(args.repeats):
+                vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages)
+            out, stats = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True)
+            exact = F.scaled_dot_product_attention(q4.float(), k.float(), v.float(),
+                                                   enable_gqa=True)[:, :, 0]
+            error = ((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+            kv_bytes = 2 * k.numel() * k.element_size()
+            records.append({
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "batch": batch, "context": length, "q_heads": args.q_heads,
+                "kv_heads": args.kv_heads, "head_dim": args.dim, "dtype": args.dtype,
+                "dense_ms": dense, "vattention_ms": sparse, "naive_ms": naive,
+                "speedup_vs_dense": dense / sparse, "speedup_vs_naive": naive / sparse,
+                "dense_bandwidth_tbs": kv_bytes / dense / 1e9,
+                "density": float(stats["density"].float().mean()),
+                "max_rel_error": float(error), "stages_ms": stages.totals(args.repeats),
+            })
+            r = records[-1]
+            print(f"B={batch:3d} N={length:7d}  dense {dense:8.3f} ms  vattention {sparse:8.3f} ms"
+                  f"  naive {naive:8.3f} ms  x{r['speedup_vs_dense']:.2f} vs dense"
+                  f"  x{r['speedup_vs_naive']:.2f} vs naive  density {r['density']:.3f}"
+                  f"  max err {r['max_rel_error']:.4f}", flush=True)
+            print("        stages (ms): " + "  ".join(
+                f"{name} {ms:.3f}" for name, ms in r["stages_ms"].items()), flush=True)
+    return records
+
+
+def plot(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch"] for r in records}):
+        rows = [r for r in records if r["batch"] == batch]
+        ax.plot([r["context"] for r in rows], [r["speedup_vs_dense"] for r in rows], "o-",
+                label=f"batch {batch}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("speedup over dense SDPA")
+    ax.set_title(f"vattention.decode on {records[0]['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[8192, 32768, 131072])
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 4, 16])
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--epsilon", type=float, default=0.05)
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--rule", default="ratio")
+    parser.add_argument("--heavy", type=float, default=0.05)
+    parser.add_argument("--base-rate", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
+    parser.add_argument("--json", default="benchmarks/results/decode.json")
+    parser.add_argument("--plot", default="benchmarks/results/decode_speedup.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.batches, args.repeats = [4096, 8192], [1, 2], 3
+        args.q_heads, args.kv_heads, args.dim = 8, 2, 64
+        if args.device == "cpu":
+            args.dtype = "fp32"
+    records = run(args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(records, indent=2))
+    try:
+        plot(records, args.plot)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+// Runs the CUDA kernels of csrc/vattention/*_cuda.cu under the CPU emulator
+// (emu_runtime.h) and compares them with the CPU kernels: exact equality for
+// topk and sample_residual, tolerances for pilot statistics, sparse-attention
+// partials and combine. Built by CMake as `vattention_emu_test` (ctest name
+// emu_kernels); needs no GPU.
+//
+//   vattention_emu_test [--quick]
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../vattention/combine.h"
+#include "../vattention/pilot.h"
+#include "../vattention/sample.h"
+#include "../vattention/select.h"
+#include "../vattention/sparse_attention.h"
+
+using namespace vattention;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+bool g_quick = false;
+
+#define EXPECT(cond, ...)                                   \
+  do {                                                      \
+    ++g_checks;                                             \
+    if (!(cond)) {                                          \
+      ++g_failures;                                         \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                    \
+      std::fprintf(stderr, "\n");                           \
+    }                                                       \
+  } while (0)
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "FAIL %s returned %s\n", what, cudaGetErrorString(e));
+    ++g_failures;
+  }
+}
+
+// Values exactly representable in fp32, fp16 and bf16: k / 64, |k| <= 255.
+uint16_t to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t(u >> 16);
+}
+uint16_t to_half_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const int exp = int((u >> 23) & 0xff);
+  if (exp == 0xff) return uint16_t(sign | 0x7c00u | ((u & 0x7fffffu) ? 0x200u : 0u));
+  if ((u & 0x7fffffffu) == 0) return sign;
+  const int e = exp - 127 + 15;
+  if (e <= 0 || e >= 31) {
+    std::fprintf(stderr, "value not representable as a normal half\n");
+    std::abort();
+  }
+  return uint16_t(sign | (e << 10) | ((u & 0x7fffffu) >> 13));
+}
+
+// A tensor of one element type held as raw bytes.
+struct Buffer {
+  DType dtype;
+  std::vector<unsigned char> bytes;
+  size_t elem() const { return dtype == DType::kFloat32 ? 4 : 2; }
+  void resize(size_t n) { bytes.assign(n * elem(), 0); }
+  void set(size_t i, float f) {
+    if (dtype == DType::kFloat32) {
+      std::memcpy(&bytes[i * 4], &f, 4);
+    } else {
+      const uint16_t b = dtype == DType::kBFloat16 ? to_bf16_bits(f) : to_half_bits(f);
+      std::memcpy(&bytes[i * 2], &b, 2);
+    }
+  }
+  void* data() { return bytes.data(); }
+};
+
+float grid_value(std::mt19937& rng, int range = 255) {
+  std::uniform_int_distribution<int> d(-range, range);
+  return float(d(rng)) / 64.f;
+}
+
+const char* dtype_name(DType d) {
+  return d == DType::kFloat32 ? "f32" : d == DType::kFloat16 ? "f16" : "bf16";
+}
+
+// ---------------------------------------------------------------------------
+// topk
+// ---------------------------------------------------------------------------
+
+void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, int value_range,
+                    bool specials, uint32_t seed, const char* label) {
+  std::mt19937 rng(seed);
+  Buffer scores{dtype, {}};
+  const int64_t stride = length + 3;  // strided rows
+  scores.resize(size_t(rows * stride));
+  const float nan = std::nanf(""), inf = INFINITY;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < stride; ++i) {
+      float v = grid_value(rng, value_range);
+      if (specials) {
+        const int c = int(rng() % 40);
+        if (c == 0) v = nan;
+        if (c == 1) v = inf;
+        if (c == 2) v = -inf;
+        if (c == 3) v = 0.f;
+        if (c == 4) v = -0.f;
+      }
+      scores.set(size_t(r * stride + i), v);
+    }
+  }
+  std::vector<int32_t> starts(rows), ends(rows), ks(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int kind = int(r % 6);
+    if (kind == 0) {
+      starts[r] = 0;
+      ends[r] = int32_t(length);
+    } else if (kind == 1) {
+      starts[r] = 0;
+      ends[r] = int32_t(length + 50);  // clipped
+    } else if (kind == 2) {
+      starts[r] = int32_t(rng() % (length + 1));
+      ends[r] = starts[r] + int32_t(rng() % (length + 1));
+    } else if (kind == 3) {
+      starts[r] = int32_t(length);
+      ends[r] = int32_t(length + 3);  // empty after clipping
+    } else {
+      starts[r] = int32_t(rng() % (length / 2 + 1));
+      ends[r] = int32_t(length - rng() % (length / 2 + 1));
+    }
+    const int kk = int(rng() % 5);
+    ks[r] = kk == 0 ? 0 : kk == 1 ? int32_t(k_max) : kk == 2 ? int32_t(k_max + 7)
+                                                    : int32_t(rng() % (k_max + 1));
+    if (r % 7 == 6) ks[r] = -3;
+  }
+  TopkParams p{};
+  p.scores = scores.data();
+  p.score_row_stride = stride;
+  p.starts = starts.data();
+  p.ends = ends.data();
+  p.ks = ks.data();
+  p.rows = rows;
+  p.length = length;
+  p.k_max = k_max;
+  p.dtype = dtype;
+  std::vector<int32_t> ref(size_t(rows * k_max), 12345), got(size_t(rows * k_max), 12345);
+  p.indices = ref.data();
+  topk_cpu(p, 0, rows);
+  p.indices = got.data();
+  check_cuda(topk_cuda(p, nullptr, nullptr), "topk_cuda");
+  int64_t bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) bad += ref[i] != got[i];
+  EXPECT(bad == 0, "topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
+         dtype_name(dtype), (long long)rows, (long long)length, (long long)k_max, (long long)bad);
+  if (bad) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < k_max; ++j) {
+        if (ref[r * k_max + j] != got[r * k_max + j]) {
+          std::fprintf(stderr, "  row %lld (start %d end %d k %d) slot %lld: cpu %d cuda %d\n",
+                       (long long)r, starts[r], ends[r], ks[r], (long long)j, ref[r * k_max + j],
+                       got[r * k_max + j]);
+          break;
+        }
+      }
+    }
+  }
+}
+
+void test_topk() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  for (DType d : dtypes) {
+    test_topk_case(d, 8, 1, 4, 255, false, 1, "tiny");
+    test_topk_case(d, 8, 7, 10, 255, true, 2, "specials");
+    test_topk_case(d, 12, 64, 30, 3, true, 3, "ties");
+    test_topk_case(d, 6, 5000, 300, 255, false, 4, "mid");
+  }
+  // Cluster of 8 over long rows, large and small k.
+  test_topk_case(DType::kFloat32, 2, 40000, 2000, 255, false, 5, "cluster-large-k");
+  test_topk_case(DType::kBFloat16, 2, 40000, 16, 4, true, 6, "cluster-small-k-ties");
+  // Without clusters (pre-sm_90), and without the shared-memory key cache.
+  emu::device_props().major = 8;
+  test_topk_case(DType::kFloat32, 4, 9000, 700, 255, true, 7, "no-cluster");
+  emu::device_props().major = 9;
+  const int saved = emu::device_props().max_smem_optin;
+  emu::device_props().max_smem_optin = 40 * 1024;
+  test_topk_case(DType::kFloat16, 2, 30000, 900, 255, true, 8, "uncached");
+  emu::device_props().max_smem_optin = saved;
+  // Many rows: one block per row.
+  if (!g_quick) test_topk_case(DType::kFloat32, 300, 700, 40, 255, true, 9, "many-rows");
+}
+
+// ---------------------------------------------------------------------------
+// sample_residual
+// ---------------------------------------------------------------------------
+
+void test_sample_case(int64_t rows, int64_t heavy_max, int64_t max_out, uint64_t seed,
+                      int64_t offset, uint32_t stream, uint32_t case_seed) {
+  std::mt19937 rng(case_seed);
+  std::vector<int32_t> starts(rows), ends(rows), num_samples(rows);
+  std::vector<int32_t> heavy(size_t(rows * heavy_max), -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    starts[r] = int32_t(rng() % 50);
+    const int32_t width = r == 0 ? 0 : int32_t(rng() % 300);
+    ends[r] = starts[r] + width;
+    // heavy: an ascending random subset of the window.
+    std::vector<int32_t> pos;
+    for (int32_t x = starts[r]; x < ends[r]; ++x) pos.push_back(x);
+    std::shuffle(pos.begin(), pos.end(), rng);
+    int64_t h = std::min<int64_t>(int64_t(rng() % (heavy_max + 1)), int64_t(pos.size()));
+    if (r == 1) h = std::min<int64_t>(heavy_max, int64_t(pos.size()));
+    std::sort(pos.begin(), pos.begin() + h);
+    for (int64_t j = 0; j < h; ++j) heavy[r * heavy_max + j] = pos[j];
+    const int32_t n_r = ends[r] - starts[r] - int32_t(h);
+    const int regime = int(rng() % 6);
+    const int32_t b = 1 + int32_t(rng() % 63);
+    num_samples[r] = regime == 0 ? 0 : regime == 1 ? -b : regime == 2 ? n_r + b
+                     : regime == 3 ? n_r : b;
+  }
+  int64_t rng_state[2] = {int64_t(seed), offset};
+  SampleParams p{};
+  p.heavy = heavy_max > 0 ? heavy.data() : nullptr;
+  p.heavy_stride = heavy_max;
+  p.starts = starts.data();
+  p.ends = ends.data();
+  p.num_samples = num_samples.data();
+  p.rng = rng_state;
+  p.rows = rows;
+  p.max_out = max_out;
+  p.stream = stream;
+  std::vector<int32_t> ri(size_t(rows * max_out)), gi(size_t(rows * max_out)), rc(rows), gc(rows);
+  std::vector<float> rw(size_t(rows * max_out)), gw(size_t(rows * max_out));
+  p.indices = ri.data();
+  p.log_weights = rw.data();
+  p.counts = rc.data();
+  sample_residual_cpu(p, 0, rows);
+  p.indices = gi.data();
+  p.log_weights = gw.data();
+  p.counts = gc.data();
+  check_cuda(sample_residual_cuda(p, nullptr), "sample_residual_cuda");
+  int64_t bad_idx = 0, bad_cnt = 0, bad_w = 0;
+  for (int64_t r = 0; r < rows; ++r) bad_cnt += rc[r] != gc[r];
+  for (size_t i = 0; i < ri.size(); ++i) {
+    bad_idx += ri[i] != gi[i];
+    const bool both_inf = std::isinf(rw[i]) && std::isinf(gw[i]) && (rw[i] < 0) == (gw[i] < 0);
+    if (!both_inf && std::fabs(rw[i] - gw[i]) > 2e-7f * std::max(1.f, std::fabs(rw[i]))) ++bad_w;
+  }
+  EXPECT(bad_cnt == 0 && bad_idx == 0 && bad_w == 0,
+         "sample rows=%lld heavy=%lld max_out=%lld seed=%llu off=%lld stream=%u: counts %lld "
+         "indices %lld weights %lld mismatches",
+         (long long)rows, (long long)heavy_max, (long long)max_out, (unsigned long long)seed,
+         (long long)offset, stream, (long long)bad_cnt, (long long)bad_idx, (long long)bad_w);
+}
+
+void test_sample() {
+  const uint64_t seeds[] = {0ull, 12345ull, (1ull << 32) + 5, (1ull << 63) - 1};
+  const int64_t offsets[] = {0, 3, (1 << 30) - 1, 77};
+  uint32_t cs = 100;
+  for (int s = 0; s < 4; ++s) {
+    for (uint32_t stream = 0; stream < 2; ++stream) {
+      for (int64_t max_out : {int64_t(0), int64_t(5), int64_t(64)}) {
+        test_sample_case(48, 24, max_out, seeds[s], offsets[s], stream, cs++);
+      }
+    }
+  }
+  test_sample_case(20, 0, 33, 9, 1, 1, cs++);  // no heavy columns
+}
+
+// ---------------------------------------------------------------------------
+// pilot_stats and sparse_attention
+// ---------------------------------------------------------------------------
+
+struct QKV {
+  Buffer q, k, v;
+  QKVParams params;
+};
+
+// q [B, Hq, D] (head stride D + pad), k/v [B, Hkv, N, D] with row stride D + row_pad.
+QKV make_qkv(DType dtype, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
+             int64_t dim, int64_t row_pad, int64_t base_offset, std::mt19937& rng) {
+  QKV t{{dtype, {}}, {dtype, {}}, {dtype, {}}, {}};
+  const int64_t q_head_stride = dim + 8;
+  const int64_t row_stride = dim + row_pad;
+  const int64_t head_stride = length * row_stride + 16;
+  const int64_t batch_stride = kv_heads * head_stride;
+  t.q.resize(size_t(batch * q_heads * q_head_stride));
+  t.k.resize(size_t(base_offset + batch * batch_stride));
+  t.v.resize(size_t(base_offset + batch * batch_stride));
+  for (size_t i = 0; i < t.q.bytes.size() / t.q.elem(); ++i) t.q.set(i, grid_value(rng));
+  for (size_t i = 0; i < t.k.bytes.size() / t.k.elem(); ++i) t.k.set(i, grid_value(rng));
+  for (size_t i = 0; i < t.v.bytes.size() / t.v.elem(); ++i) t.v.set(i, grid_value(rng));
+  QKVParams& p = t.params;
+  p.q = t.q.data();
+  p.k = t.k.bytes.data() + base_offset * t.k.elem();
+  p.v = t.v.bytes.data() + base_offset * t.v.elem();
+  p.q_batch_stride = q_heads * q_head_stride;
+  p.q_head_stride = q_head_stride;
+  p.k_batch_stride = p.v_batch_stride = batch_stride;
+  p.k_head_stride = p.v_head_stride = head_stride;
+  p.k_row_stride = p.v_row_stride = row_stride;
+  p.batch = batch;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.length = length;
+  p.head_dim = dim;
+  p.dtype = dtype;
+  p.scale = 1.f / std::sqrt(float(dim));
+  return t;
+}
+
+struct Lists {
+  std::vector<int32_t> indices, counts;
+  std::vector<float> log_weights;
+  IndexListParams params;
+};
+
+Lists make_lists(int64_t batch, int64_t list_heads, int64_t max_count, int64_t length,
+                 std::mt19937& rng) {
+  Lists l;
+  l.indices.assign(size_t(batch * list_heads * max_count), 0);
+  l.log_weights.assign(l.indices.size(), 0.f);
+  l.counts.assign(size_t(batch * list_heads), 0);
+  for (int64_t i = 0; i < batch * list_heads; ++i) {
+    int32_t c = int32_t(rng() % (max_count + 1));
+    if (i == 0) c = 0;
+    if (i == batch * list_heads - 1) c = int32_t(max_count);
+    l.counts[i] = c;
+    for (int64_t j = 0; j < max_count; ++j) {
+      const size_t at = size_t(i * max_count + j);
+      if (j >= c) {  // garbage beyond the count: must not be read
+        l.indices[at] = int32_t(length + 1000);
+        l.log_weights[at] = std::nanf("");
+        continue;
+      }
+      const int kind = int(rng() % 20);
+      l.indices[at] = kind == 0 ? -1 : kind == 1 ? int32_t(length + 3) : int32_t(rng() % length);
+      l.log_weights[at] = kind == 2 ? -INFINITY : float(int(rng() % 200) - 100) / 100.f;
+    }
+  }
+  l.params.indices = l.indices.data();
+  l.params.log_weights = l.log_weights.data();
+  l.params.counts = l.counts.data();
+  l.params.list_heads = list_heads;
+  l.params.max_count = max_count;
+  return l;
+}
+
+bool close(float a, float b, float atol, float rtol) {
+  if (std::isinf(a) || std::isinf(b)) return a == b;
+  if (std::isnan(a) || std::isnan(b)) return false;
+  return std::fabs(a - b) <= atol + rtol * std::fabs(b);
+}
+
+void test_pilot_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                     int64_t splits, int64_t row_pad, int64_t base_offset, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t batch = 2, kv_heads = 2, q_heads = kv_heads * group, length = 53;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  Lists l = make_lists(batch, per_q ? q_heads : kv_heads, max_count, length, rng);
+  PilotParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  p.list.log_weights = nullptr;
+  const int64_t heads = batch * q_heads;
+  std::vector<float> rm(heads), gm(heads), rmo(heads * 3), gmo(heads * 3), rv(heads * 2 * dim),
+      gv(heads * 2 * dim, 777.f);
+  p.max_logit = rm.data();
+  p.moments = rmo.data();
+  p.vector_moments = rv.data();
+  pilot_stats_cpu(p, 0, heads);
+  p.max_logit = gm.data();
+  p.moments = gmo.data();
+  p.vector_moments = gv.data();
+  std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, splits));
+  check_cuda(pilot_stats_cuda(p, splits, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_stats_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(gm[i], rm[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * 3; ++i) bad += !close(gmo[i], rmo[i], 1e-4f, 1e-4f);
+  for (int64_t i = 0; i < heads * 2 * dim; ++i) bad += !close(gv[i], rv[i], 1e-4f, 1e-4f);
+  EXPECT(bad == 0, "pilot %s D=%lld group=%lld per_q=%d max_count=%lld splits=%lld pad=%lld "
+         "offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim, (long long)group,
+         int(per_q), (long long)max_count, (long long)splits, (long long)row_pad,
+         (long long)base_offset, (long long)bad);
+}
+
+void test_attention_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                         int64_t splits, bool weights, int64_t row_pad, int64_t base_offset,
+                         uint32_t seed, int64_t length = 47, int64_t batch = 2) {
+  std::mt19937 rng(seed);
+  const int64_t kv_heads = 2, q_heads = kv_heads * group;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  Lists l = make_lists(batch, per_q ? q_heads : kv_heads, max_count, length, rng);
+  SparseAttentionParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  if (!weights) p.list.log_weights = nullptr;
+  p.num_splits = splits;
+  const int64_t items = batch * q_heads * splits;
+  std::vector<float> ro(items * dim), go(items * dim, 777.f), rl(items), gl(items, 777.f);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, items);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !close(gl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !close(go[i], ro[i], 2e-5f, 2e-5f);
+  EXPECT(bad == 0, "attention %s D=%lld group=%lld per_q=%d max_count=%lld splits=%lld w=%d "
+         "pad=%lld offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim,
+         (long long)group, int(per_q), (long long)max_count, (long long)splits, int(weights),
+         (long long)row_pad, (long long)base_offset, (long long)bad);
+
+  // combine of those partials, [items, splits, D] layout
+  const int64_t heads = batch * q_heads;
+  CombineParams c{};
+  c.partial_out = ro.data();
+  c.partial_lse = rl.data();
+  c.item_stride_out = splits * dim;
+  c.split_stride_out = dim;
+  c.item_stride_lse = splits;
+  c.split_stride_lse = 1;
+  c.items = heads;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
+  c.out = co.data();
+  c.lse = cl.data();
+  combine_cpu(c, 0, heads);
+  c.out = gco.data();
+  c.lse = gcl.data();
+  check_cuda(combine_cuda(c, nullptr), "combine_cuda");
+  bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(gcl[i], cl[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * dim; ++i) bad += !close(gco[i], co[i], 1e-5f, 1e-5f);
+  EXPECT(bad == 0, "combine after attention %s D=%lld splits=%lld: %lld mismatches",
+         dtype_name(dtype), (long long)dim, (long long)splits, (long long)bad);
+}
+
+void test_combine_splits_first() {
+  std::mt19937 rng(5);
+  const int64_t splits = 37, items = 6, dim = 40;  // splits > 32, dim not a multiple of 32
+  std::vector<float> po(splits * items * dim), pl(splits * items);
+  for (auto& x : po) x = grid_value(rng);
+  for (size_t i = 0; i < pl.size(); ++i) pl[i] = (rng() % 3 == 0) ? -INFINITY : grid_value(rng);
+  for (int64_t s = 0; s < splits; ++s) pl[s * items + 0] = -INFINITY;  // an all-empty item
+  for (int64_t s = 0; s < splits; ++s) {
+    if (pl[s * items + 1] == -INFINITY) {
+      for (int64_t d = 0; d < dim; ++d) po[(s * items + 1) * dim + d] = std::nanf("");
+    }
+  }
+  CombineParams c{};
+  c.partial_out = po.data();
+  c.partial_lse = pl.data();
+  c.item_stride_out = dim;
+  c.split_stride_out = items * dim;
+  c.item_stride_lse = 1;
+  c.split_stride_lse = items;
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  std::vector<float> ro(items * dim), rl(items), go(items * dim), gl(items);
+  c.out = ro.data();
+  c.lse = rl.data();
+  combine_cpu(c, 0, items);
+  c.out = go.data();
+  c.lse = gl.data();
+  check_cuda(combine_cuda(c, nullptr), "combine_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !close(gl[i], rl[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !close(go[i], ro[i], 1e-5f, 1e-5f);
+  EXPECT(bad == 0, "combine splits-first: %lld mismatches", (long long)bad);
+}
+
+void test_attention_and_pilot() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  uint32_t seed = 1000;
+  for (DType d : dtypes) {
+    for (int64_t dim : {64, 128, 256}) {
+      for (int64_t group : {1, 4, 7}) {
+        for (bool per_q : {false, true}) {
+          if (g_quick && (dim == 256 || per_q) && group != 4) continue;
+          test_attention_case(d, dim, group, per_q, 29, 3, true, 0, 0, seed++);
+          test_pilot_case(d, dim, group, per_q, 17, 1, 0, 0, seed++);
+        }
+      }
+    }
+  }
+  // Splits: automatic-like counts, more splits than entries, weights off.
+  test_attention_case(DType::kBFloat16, 128, 4, false, 200, 1, true, 0, 0, seed++);
+  test_attention_case(DType::kBFloat16, 128, 4, false, 200, 7, false, 0, 0, seed++);
+  test_attention_case(DType::kFloat16, 64, 2, false, 5, 17, true, 0, 0, seed++);
+  test_attention_case(DType::kFloat32, 64, 12, false, 90, 2, true, 0, 0, seed++);  // 2 chunks
+  // Unaligned rows (odd row stride, odd base offset): element-wise copies.
+  test_attention_case(DType::kBFloat16, 128, 4, false, 60, 2, true, 1, 0, seed++);
+  test_attention_case(DType::kFloat16, 64, 1, true, 60, 2, true, 0, 3, seed++);
+  test_attention_case(DType::kFloat32, 256, 7, false, 40, 3, true, 1, 1, seed++);
+  // Longer lists over a longer context (benchmark-like, scaled down).
+  test_attention_case(DType::kBFloat16, 128, 4, false, 1300, 9, true, 0, 0, seed++, 4096, 1);
+  // Pilot with split-K through the workspace.
+  test_pilot_case(DType::kBFloat16, 128, 4, false, 300, 5, 0, 0, seed++);
+  test_pilot_case(DType::kFloat32, 64, 7, false, 150, 3, 0, 0, seed++);
+  test_pilot_case(DType::kFloat16, 256, 1, true, 100, 4, 1, 1, seed++);
+  test_pilot_case(DType::kBFloat16, 64, 4, false, 0, 1, 0, 0, seed++);  // max_count 0
+  test_combine_splits_first();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--quick") g_quick = true;
+  }
+  test_topk();
+  test_sample();
+  test_attention_and_pilot();
+  std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,45 @@
+// Argument checks and tensor -> params conversion shared by the CPU and CUDA
+// bindings. Every check names the argument, so a bad call reads like a
+// Python-level error rather than a crash.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "../vattention/attention_params.h"
+#include "../vattention/combine.h"
+#include "../vattention/pilot.h"
+#include "../vattention/sample.h"
+#include "../vattention/select.h"
+#include "../vattention/sparse_attention.h"
+
+namespace vattention::binding {
+
+vattention::DType element_type(const at::Tensor& t, const char* name);
+
+void check_int32_vector(const at::Tensor& t, const char* name, int64_t rows, const at::Tensor& like);
+
+// q [B, Hq, D], k/v [B, Hkv, N, D] with Hq % Hkv == 0 and a common dtype/device.
+QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+
+// indices [B, Hl, L] int32 with Hl in {Hkv, Hq}, counts [B, Hl], log_weights like indices.
+IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
+                                  const at::Tensor& indices, const at::Tensor& counts,
+                                  const c10::optional<at::Tensor>& log_weights);
+
+void check_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+                     const at::Tensor& ks, int64_t k_max);
+
+// Expects check_topk_args to have passed; indices is the [rows, k_max] int32 output.
+TopkParams topk_params(const at::Tensor& scores, const at::Tensor& starts,
+                       const at::Tensor& ends, const at::Tensor& ks, int64_t k_max,
+                       const at::Tensor& indices);
+
+SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
+                           const at::Tensor& ends, const at::Tensor& num_samples,
+                           const at::Tensor& rng, int64_t max_out, int64_t stream,
+                           at::Tensor* indices, at::Tensor* log_weights, at::Tensor* counts);
+
+void check_partials(const at::Tensor& partial_out, const at::Tensor& partial_lse);
+
+}  // namespace vattention::binding

@@ -1,0 +1,159 @@
+// CPU backend of torch.ops.vattention: argument checks, the host-side
+// validation that is free on the CPU, and a parallel_for over the kernels.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+
+namespace vattention::binding {
+namespace {
+
+constexpr int64_t kGrain = 1;
+
+// CPU data can be inspected for free, so list entries are validated here; the
+// CUDA kernels skip out-of-range entries instead of synchronising to report them.
+void check_index_list(const IndexListParams& list, int64_t rows_in_list, int64_t length) {
+  const int64_t lists = rows_in_list;
+  for (int64_t l = 0; l < lists; ++l) {
+    const int32_t count = list.counts[l];
+    TORCH_CHECK(count >= 0 && count <= list.max_count, "vattention: counts must lie in [0, ",
+                list.max_count, "], got ", count);
+    const int32_t* idx = list.indices + l * list.max_count;
+    for (int32_t j = 0; j < count; ++j) {
+      TORCH_CHECK(idx[j] < length, "vattention: indices must be < length (", length, "), got ",
+                  idx[j]);
+    }
+  }
+}
+
+at::Tensor topk_cpu_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+                       const at::Tensor& ks, int64_t k_max) {
+  check_topk_args(scores, starts, ends, ks, k_max);
+  at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
+  const TopkParams p = topk_params(scores, starts, ends, ks, k_max, indices);
+  at::parallel_for(0, p.rows, kGrain, [&](int64_t begin, int64_t end) { topk_cpu(p, begin, end); });
+  return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cpu_op(
+    const at::Tensor& heavy, const at::Tensor& starts, const at::Tensor& ends,
+    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t stream) {
+  at::Tensor indices, log_weights, counts;
+  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, stream,
+                                       &indices, &log_weights, &counts);
+  TORCH_CHECK(p.rng[1] >= 0 && p.rng[1] < (int64_t(1) << 30),
+              "vattention: rng offset must lie in [0, 2^30), got ", p.rng[1]);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    TORCH_CHECK(p.starts[r] >= 0 && p.starts[r] <= p.ends[r],
+                "vattention: need 0 <= starts <= ends, got starts=", p.starts[r],
+                " ends=", p.ends[r], " in row ", r);
+    int32_t previous = p.starts[r] - 1;
+    bool padding = false;
+    for (int64_t j = 0; j < p.heavy_stride; ++j) {
+      const int32_t h = p.heavy[r * p.heavy_stride + j];
+      if (h < 0) {
+        padding = true;
+        continue;
+      }
+      TORCH_CHECK(!padding, "vattention: heavy's -1 padding must come after its entries, row ", r);
+      TORCH_CHECK(h > previous && h < p.ends[r],
+                  "vattention: heavy must be ascending positions inside [starts, ends), row ", r);
+      previous = h;
+    }
+  }
+  at::parallel_for(0, p.rows, kGrain,
+                   [&](int64_t begin, int64_t end) { sample_residual_cpu(p, begin, end); });
+  return {indices, log_weights, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cpu_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const at::Tensor& counts, double scale) {
+  PilotParams p{};
+  p.qkv = qkv_params(q, k, v, scale);
+  p.list = index_list_params(p.qkv, q, indices, counts, c10::nullopt);
+  check_index_list(p.list, p.qkv.batch * p.list.list_heads, p.qkv.length);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor max_logit = at::empty({p.qkv.batch, p.qkv.q_heads}, f32);
+  at::Tensor moments = at::empty({p.qkv.batch, p.qkv.q_heads, kPilotMoments}, f32);
+  at::Tensor vector_moments = at::empty({p.qkv.batch, p.qkv.q_heads, 2, p.qkv.head_dim}, f32);
+  p.max_logit = max_logit.data_ptr<float>();
+  p.moments = moments.data_ptr<float>();
+  p.vector_moments = vector_moments.data_ptr<float>();
+  at::parallel_for(0, p.qkv.batch * p.qkv.q_heads, kGrain,
+                   [&](int64_t begin, int64_t end) { pilot_stats_cpu(p, begin, end); });
+  return {max_logit, moments, vector_moments};
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_into(const at::Tensor& partial_out,
+                                                const at::Tensor& partial_lse, int64_t items,
+                                                int64_t splits, int64_t dim, bool splits_first,
+                                                at::Tensor out, at::Tensor lse) {
+  CombineParams c{};
+  c.partial_out = partial_out.data_ptr<float>();
+  c.partial_lse = partial_lse.data_ptr<float>();
+  c.item_stride_out = splits_first ? dim : splits * dim;
+  c.split_stride_out = splits_first ? items * dim : dim;
+  c.item_stride_lse = splits_first ? 1 : splits;
+  c.split_stride_lse = splits_first ? items : 1;
+  c.out = out.data_ptr<float>();
+  c.lse = lse.data_ptr<float>();
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) { combine_cpu(c, begin, end); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits) {
+  SparseAttentionParams p{};
+  p.qkv = qkv_params(q, k, v, scale);
+  p.list = index_list_params(p.qkv, q, indices, counts, log_weights);
+  check_index_list(p.list, p.qkv.batch * p.list.list_heads, p.qkv.length);
+  TORCH_CHECK(num_splits >= 0, "vattention: num_splits must be >= 0 (0 = automatic), got ",
+              num_splits);
+  const int64_t heads = p.qkv.batch * p.qkv.q_heads;
+  p.num_splits = num_splits > 0 ? num_splits
+                                : choose_num_splits(heads, p.list.max_count, at::get_num_threads());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
+  at::Tensor partial_lse = at::empty({heads, p.num_splits}, f32);
+  p.partial_out = partial_out.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  at::parallel_for(0, heads * p.num_splits, kGrain, [&](int64_t begin, int64_t end) {
+    sparse_attention_partial_cpu(p, begin, end);
+  });
+  return combine_into(partial_out, partial_lse, heads, p.num_splits, p.qkv.head_dim, false,
+                      at::empty({p.qkv.batch, p.qkv.q_heads, p.qkv.head_dim}, f32),
+                      at::empty({p.qkv.batch, p.qkv.q_heads}, f32));
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_cpu_op(const at::Tensor& partial_out,
+                                                  const at::Tensor& partial_lse) {
+  check_partials(partial_out, partial_lse);
+  const int64_t splits = partial_out.size(0), dim = partial_out.size(-1);
+  const int64_t items = splits > 0 ? partial_lse.numel() / splits : 0;
+  TORCH_CHECK(splits > 0, "vattention: combine needs at least one partial");
+  const auto item_shape = partial_out.sizes().slice(1);
+  return combine_into(partial_out, partial_lse, items, splits, dim, true,
+                      at::empty(item_shape, partial_out.options()),
+                      at::empty(partial_lse.sizes().slice(1), partial_lse.options()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vattention, CPU, m) {
+  m.impl("topk", &topk_cpu_op);
+  m.impl("sample_residual", &sample_residual_cpu_op);
+  m.impl("pilot_stats", &pilot_stats_cpu_op);
+  m.impl("sparse_attention", &sparse_attention_cpu_op);
+  m.impl("combine", &combine_cpu_op);
+}
+
+}  // namespace vattention::binding

@@ -1,0 +1,180 @@
+// CUDA backend of torch.ops.vattention: the argument checks of checks.h, outputs
+// and workspaces from the caching allocator, launches on the current stream.
+//
+// Unlike ops_cpu.cpp nothing here reads device data: no host synchronisation,
+// so every op can be captured in a CUDA graph. Out-of-range list entries are
+// skipped by the kernels instead of being reported (see attention_params.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <tuple>
+
+#include "checks.h"
+
+namespace vattention::binding {
+namespace {
+
+// Streaming multiprocessors of a device, queried once per device.
+int64_t sm_count(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  if (device >= 0 && device < kMaxDevices) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "vattention: ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+void check_head_dim(int64_t dim) {
+  TORCH_CHECK(dim == 64 || dim == 128 || dim == 256,
+              "vattention: the CUDA kernels support head_dim 64, 128 or 256, got ", dim);
+}
+
+at::Tensor topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+                        const at::Tensor& ks, int64_t k_max) {
+  check_cuda(scores, "scores");
+  const c10::cuda::CUDAGuard guard(scores.device());
+  at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
+  const TopkParams p = topk_params(scores, starts, ends, ks, k_max, indices);
+  if (p.rows == 0 || p.k_max == 0) return indices;
+  const size_t ws_bytes = topk_cuda_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws_bytes > 0) {
+    workspace = at::empty({int64_t(ws_bytes)}, scores.options().dtype(at::kByte));
+  }
+  C10_CUDA_CHECK(topk_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+                           at::cuda::getCurrentCUDAStream()));
+  return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cuda_op(
+    const at::Tensor& heavy, const at::Tensor& starts, const at::Tensor& ends,
+    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t stream) {
+  check_cuda(heavy, "heavy");
+  const c10::cuda::CUDAGuard guard(heavy.device());
+  at::Tensor indices, log_weights, counts;
+  // rng stays on the device: the kernel reads the seed and the call offset there.
+  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, stream,
+                                       &indices, &log_weights, &counts);
+  if (p.rows > 0) {
+    C10_CUDA_CHECK(sample_residual_cuda(p, at::cuda::getCurrentCUDAStream()));
+  }
+  return {indices, log_weights, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const at::Tensor& counts, double scale) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  PilotParams p{};
+  p.qkv = qkv_params(q, k, v, scale);
+  p.list = index_list_params(p.qkv, q, indices, counts, c10::nullopt);
+  check_head_dim(p.qkv.head_dim);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor max_logit = at::empty({p.qkv.batch, p.qkv.q_heads}, f32);
+  at::Tensor moments = at::empty({p.qkv.batch, p.qkv.q_heads, kPilotMoments}, f32);
+  at::Tensor vector_moments = at::empty({p.qkv.batch, p.qkv.q_heads, 2, p.qkv.head_dim}, f32);
+  p.max_logit = max_logit.data_ptr<float>();
+  p.moments = moments.data_ptr<float>();
+  p.vector_moments = vector_moments.data_ptr<float>();
+  if (p.qkv.batch * p.qkv.q_heads == 0) return {max_logit, moments, vector_moments};
+  const int64_t splits = choose_num_splits(p.qkv.batch * p.list.list_heads, p.list.max_count,
+                                           sm_count(q.device().index()));
+  const size_t ws_bytes = pilot_stats_cuda_workspace_bytes(p, splits);
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({int64_t(ws_bytes / sizeof(float))}, f32);
+  C10_CUDA_CHECK(pilot_stats_cuda(p, splits, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+                                  at::cuda::getCurrentCUDAStream()));
+  return {max_logit, moments, vector_moments};
+}
+
+// Merges partials laid out [items, splits, dim] (splits_first = false) or
+// [splits, items, dim] (splits_first = true) into out [items, dim], lse [items].
+void launch_combine(const at::Tensor& partial_out, const at::Tensor& partial_lse, int64_t items,
+                    int64_t splits, int64_t dim, bool splits_first, const at::Tensor& out,
+                    const at::Tensor& lse) {
+  CombineParams c{};
+  c.partial_out = partial_out.data_ptr<float>();
+  c.partial_lse = partial_lse.data_ptr<float>();
+  c.item_stride_out = splits_first ? dim : splits * dim;
+  c.split_stride_out = splits_first ? items * dim : dim;
+  c.item_stride_lse = splits_first ? 1 : splits;
+  c.split_stride_lse = splits_first ? items : 1;
+  c.out = out.data_ptr<float>();
+  c.lse = lse.data_ptr<float>();
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  if (items > 0) C10_CUDA_CHECK(combine_cuda(c, at::cuda::getCurrentCUDAStream()));
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  SparseAttentionParams p{};
+  p.qkv = qkv_params(q, k, v, scale);
+  p.list = index_list_params(p.qkv, q, indices, counts, log_weights);
+  check_head_dim(p.qkv.head_dim);
+  TORCH_CHECK(num_splits >= 0, "vattention: num_splits must be >= 0 (0 = automatic), got ",
+              num_splits);
+  TORCH_CHECK(num_splits <= 65535, "vattention: num_splits must be <= 65535 on CUDA, got ",
+              num_splits);
+  const int64_t heads = p.qkv.batch * p.qkv.q_heads;
+  // Blocks per split = distinct lists (a list shared by a KV group is one block).
+  p.num_splits = num_splits > 0 ? num_splits
+                                : choose_num_splits(p.qkv.batch * p.list.list_heads,
+                                                    p.list.max_count, sm_count(q.device().index()));
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.qkv.batch, p.qkv.q_heads, p.qkv.head_dim}, f32);
+  at::Tensor lse = at::empty({p.qkv.batch, p.qkv.q_heads}, f32);
+  if (heads == 0) return {out, lse};
+  at::Tensor partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
+  at::Tensor partial_lse = at::empty({heads, p.num_splits}, f32);
+  p.partial_out = partial_out.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(sparse_attention_partial_cuda(p, stream));
+  launch_combine(partial_out, partial_lse, heads, p.num_splits, p.qkv.head_dim, false, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_cuda_op(const at::Tensor& partial_out,
+                                                   const at::Tensor& partial_lse) {
+  check_cuda(partial_out, "partial_out");
+  const c10::cuda::CUDAGuard guard(partial_out.device());
+  check_partials(partial_out, partial_lse);
+  const int64_t splits = partial_out.size(0), dim = partial_out.size(-1);
+  TORCH_CHECK(splits > 0, "vattention: combine needs at least one partial");
+  const int64_t items = partial_lse.numel() / splits;
+  at::Tensor out = at::empty(partial_out.sizes().slice(1), partial_out.options());
+  at::Tensor lse = at::empty(partial_lse.sizes().slice(1), partial_lse.options());
+  launch_combine(partial_out, partial_lse, items, splits, dim, true, out, lse);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
+  m.impl("topk", &topk_cuda_op);
+  m.impl("sample_residual", &sample_residual_cuda_op);
+  m.impl("pilot_stats", &pilot_stats_cuda_op);
+  m.impl("sparse_attention", &sparse_attention_cuda_op);
+  m.impl("combine", &combine_cuda_op);
+}
+
+}  // namespace vattention::binding

@@ -1,0 +1,22 @@
+#include "combine.h"
+#include "online_softmax.h"
+
+namespace vattention {
+
+void combine_cpu(const CombineParams& p, int64_t item_begin, int64_t item_end) {
+  for (int64_t m = item_begin; m < item_end; ++m) {
+    const float* lse = p.partial_lse + m * p.item_stride_lse;
+    const float merged = merged_lse(lse, int(p.num_splits), p.split_stride_lse);
+    float* out = p.out + m * p.head_dim;
+    for (int64_t d = 0; d < p.head_dim; ++d) out[d] = 0.f;
+    for (int64_t s = 0; s < p.num_splits; ++s) {
+      const float w = merge_weight(lse[s * p.split_stride_lse], merged);
+      if (w == 0.f) continue;
+      const float* partial = p.partial_out + m * p.item_stride_out + s * p.split_stride_out;
+      for (int64_t d = 0; d < p.head_dim; ++d) out[d] += w * partial[d];
+    }
+    p.lse[m] = merged;
+  }
+}
+
+}  // namespace vattention

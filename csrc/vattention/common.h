@@ -1,0 +1,71 @@
+// Shared definitions of the torch-free kernel library: element types, the
+// host/device qualifier and small helpers used by every pipeline stage.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define VATT_HD __host__ __device__ __forceinline__
+#else
+#define VATT_HD inline
+#endif
+
+namespace vattention {
+
+// Element type of q/k/v (and of top-k scores). The glue maps torch dtypes here.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Storage-only 16-bit types, bit-compatible with at::Half / at::BFloat16 and
+// with CUDA's __half / __nv_bfloat16, so kernels see raw memory either way.
+struct half_t { uint16_t bits; };
+struct bfloat16_t { uint16_t bits; };
+
+VATT_HD float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+VATT_HD uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+VATT_HD float to_float(float x) { return x; }
+
+VATT_HD float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+
+VATT_HD float to_float(half_t x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
+  uint32_t mantissa = x.bits & 0x3ffu;
+  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  if (mantissa == 0) return bits_to_float(sign);
+  // Subnormal half: renormalise into a float exponent.
+  int e = -1;
+  do {
+    ++e;
+    mantissa <<= 1;
+  } while ((mantissa & 0x400u) == 0);
+  return bits_to_float(sign | (uint32_t(112 - e) << 23) | ((mantissa & 0x3ffu) << 13));
+}
+
+// Maps a float to an unsigned key whose integer order is the float order, with
+// NaN below every number so that a NaN score is never selected before a real one.
+VATT_HD uint32_t orderable_key(float x) {
+  if (x != x) return 0u;
+  if (x == 0.f) x = 0.f;  // -0.0 and +0.0 are the same score: a tie, not an order
+  const uint32_t u = float_to_bits(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+VATT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+}  // namespace vattention

@@ -1,0 +1,350 @@
+// CUDA top-k (stage "select"): a radix select per row on the 32-bit orderable
+// key, then an ordered compaction, reproducing topk_cpu exactly.
+//
+// One thread-block cluster (up to 8 blocks, sm_90) serves a row: each block owns
+// a contiguous chunk of the row's window and caches its keys in shared memory,
+// so the scores are read from global memory once. Three radix passes (11, 11 and
+// 10 bits, most significant first) find the k-th largest key T and how many keys
+// equal to T must be taken (`need_eq`: the lowest positions win). Per-block
+// histograms are summed through distributed shared memory. Finally each block
+// counts its keys > T and == T, learns the counts of the blocks before it (again
+// via distributed shared memory) and writes its selected positions in ascending
+// order with a block-wide ballot scan: a selected position p lands at
+//   (#keys > T before p) + min(#keys == T before p, need_eq).
+// Rows longer than the clusters' shared memory re-read the keys from global
+// memory in each pass (kCached = false). Without clusters (pre-sm_90 devices) a
+// single block serves a row.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "cuda_utils.cuh"
+#include "select.h"
+
+namespace vattention {
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kTopkThreads = 512;
+constexpr int kTopkWarps = kTopkThreads / 32;
+constexpr int kMaxCluster = 8;
+constexpr int kBins = 2048;  // widest digit: 11 bits
+constexpr int kBinsPerThread = kBins / kTopkThreads;
+constexpr int kLoadUnroll = 8;
+constexpr int64_t kMinChunk = 4096;             // do not split rows finer than this
+constexpr int64_t kMaxCachedBytes = 160 * 1024;  // key cache per block
+
+// Shared state of a block; the key cache follows it in dynamic shared memory.
+struct TopkShared {
+  uint32_t hist[2][kBins];
+  uint32_t scan[kTopkWarps];
+  uint32_t warp_gt[kTopkWarps];
+  uint32_t warp_eq[kTopkWarps];
+  uint32_t block_gt;  // this block's count of keys > T (read by later ranks)
+  uint32_t block_eq;  // ... and of keys == T
+  uint32_t base_gt;   // counts of the earlier ranks
+  uint32_t base_eq;
+  uint32_t digit;
+  uint32_t k_rem;
+};
+
+// The blocks of a cluster, or a lone block. Rank = blockIdx.x (cluster dims (C,1,1)).
+constexpr int kSharedBytes = int((sizeof(TopkShared) + 15) / 16 * 16);
+
+struct Cluster {
+  int size;
+  int rank;
+
+  __device__ __forceinline__ void sync() const {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(VATT_EMULATE)
+    if (size > 1) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  }
+
+  template <typename P>
+  __device__ __forceinline__ P* map(P* p, int other) const {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(VATT_EMULATE)
+    if (size > 1 && other != rank) return cooperative_groups::this_cluster().map_shared_rank(p, other);
+#endif
+    return p;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t key_at(const T* row, int64_t pos) {
+  return orderable_key(load_float(row + pos));
+}
+
+template <typename T, bool kCached>
+struct KeySource {
+  const T* row;
+  int64_t lo;
+  const uint32_t* cache;
+  __device__ __forceinline__ uint32_t operator()(int64_t i) const {
+    if (kCached) return cache[i];
+    return key_at(row, lo + i);
+  }
+};
+
+// Exclusive prefix sum over the block (kTopkThreads threads).
+__device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t x, uint32_t* warp_totals) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t inclusive = x;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const uint32_t y = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += y;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  uint32_t base = 0;
+  for (int w = 0; w < warp; ++w) base += warp_totals[w];
+  __syncthreads();  // warp_totals may be reused right after
+  return base + inclusive - x;
+}
+
+// Sums the per-block histograms of buffer `buf` over the cluster, finds the bin
+// holding the k_rem-th largest key (bins of `nbins`, highest first) and returns
+// the digit; *k_rem becomes the rank inside that bin.
+__device__ __forceinline__ uint32_t pick_digit(TopkShared& sh, const Cluster& cl, int buf,
+                                               int nbins, uint32_t* k_rem) {
+  cl.sync();  // every block's histogram is complete
+  const int tid = threadIdx.x;
+  uint32_t tot[kBinsPerThread];
+  uint32_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int rb = tid * kBinsPerThread + j;  // reversed bin: 0 = highest
+    uint32_t t = 0;
+    if (rb < nbins) {
+      const int bin = nbins - 1 - rb;
+      for (int other = 0; other < cl.size; ++other) t += cl.map(&sh.hist[buf][0], other)[bin];
+    }
+    tot[j] = t;
+    sum += t;
+  }
+  uint32_t before = block_exclusive_sum(sum, sh.scan);
+  const uint32_t want = *k_rem;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    const int rb = tid * kBinsPerThread + j;
+    if (tot[j] > 0 && before < want && before + tot[j] >= want) {
+      sh.digit = uint32_t(nbins - 1 - rb);
+      sh.k_rem = want - before;
+    }
+    before += tot[j];
+  }
+  __syncthreads();
+  *k_rem = sh.k_rem;
+  return sh.digit;
+}
+
+template <typename T, bool kCached>
+__global__ void __launch_bounds__(kTopkThreads)
+topk_kernel(const TopkParams p, const int cluster_size) {
+  unsigned char* smem = dynamic_smem();
+  TopkShared& sh = *reinterpret_cast<TopkShared*>(smem);
+  uint32_t* topk_key_cache = reinterpret_cast<uint32_t*>(smem + kSharedBytes);
+  const Cluster cl{cluster_size, int(blockIdx.x)};
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t cluster_threads = int64_t(cl.size) * kTopkThreads;
+
+  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
+    int32_t* out = p.indices + r * p.k_max;
+    const int64_t start = max(int64_t(p.starts[r]), int64_t(0));
+    const int64_t end = min(int64_t(p.ends[r]), p.length);
+    const int64_t avail = max(end - start, int64_t(0));
+    const int64_t k = min(min(int64_t(max(p.ks[r], 0)), avail), p.k_max);
+    const int64_t first = int64_t(cl.rank) * kTopkThreads + tid;
+
+    for (int64_t j = k + first; j < p.k_max; j += cluster_threads) out[j] = -1;
+    if (k == 0) continue;
+    if (k == avail) {  // the whole window, in order
+      for (int64_t j = first; j < k; j += cluster_threads) out[j] = int32_t(start + j);
+      continue;
+    }
+
+    const int64_t chunk = ceil_div(avail, cl.size);
+    const int64_t lo = start + int64_t(cl.rank) * chunk;
+    const int64_t n = max(min(end - lo, chunk), int64_t(0));
+    const KeySource<T, kCached> key{row, lo, topk_key_cache};
+
+    // Pass 0 (bits 31..21), fused with loading the keys into the cache.
+    for (int b = tid; b < kBins; b += kTopkThreads) sh.hist[0][b] = 0;
+    __syncthreads();
+    for (int64_t base = 0; base < n; base += int64_t(kLoadUnroll) * kTopkThreads) {
+      uint32_t keys[kLoadUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kTopkThreads + tid;
+        keys[u] = i < n ? key_at(row, lo + i) : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kTopkThreads + tid;
+        if (i < n) {
+          if (kCached) topk_key_cache[i] = keys[u];
+          atomicAdd(&sh.hist[0][keys[u] >> 21], 1u);
+        }
+      }
+    }
+    uint32_t k_rem = uint32_t(k);
+    uint32_t prefix = pick_digit(sh, cl, 0, 2048, &k_rem) << 21;
+    uint32_t mask = 0xffe00000u;
+
+    // Passes 1 (bits 20..10) and 2 (bits 9..0) over the keys matching the prefix.
+#pragma unroll 1
+    for (int pass = 1; pass < 3; ++pass) {
+      const int buf = pass & 1;
+      const int shift = pass == 1 ? 10 : 0;
+      const int nbins = pass == 1 ? 2048 : 1024;
+      for (int b = tid; b < kBins; b += kTopkThreads) sh.hist[buf][b] = 0;
+      __syncthreads();
+      for (int64_t i = tid; i < n; i += kTopkThreads) {
+        const uint32_t x = key(i);
+        if ((x & mask) == prefix) atomicAdd(&sh.hist[buf][(x >> shift) & uint32_t(nbins - 1)], 1u);
+      }
+      prefix |= pick_digit(sh, cl, buf, nbins, &k_rem) << shift;
+      mask |= uint32_t(nbins - 1) << shift;
+    }
+    const uint32_t kth = prefix;       // the k-th largest key
+    const uint32_t need_eq = k_rem;    // how many keys == kth are taken
+
+    // This block's counts, then the counts of the blocks before it.
+    uint32_t gt = 0, eq = 0;
+    for (int64_t i = tid; i < n; i += kTopkThreads) {
+      const uint32_t x = key(i);
+      gt += x > kth;
+      eq += x == kth;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      gt += __shfl_xor_sync(kFullMask, gt, offset);
+      eq += __shfl_xor_sync(kFullMask, eq, offset);
+    }
+    if (lane == 0) {
+      sh.warp_gt[warp] = gt;
+      sh.warp_eq[warp] = eq;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t tg = 0, te = 0;
+      for (int w = 0; w < kTopkWarps; ++w) {
+        tg += sh.warp_gt[w];
+        te += sh.warp_eq[w];
+      }
+      sh.block_gt = tg;
+      sh.block_eq = te;
+    }
+    cl.sync();
+    if (tid == 0) {
+      uint32_t bg = 0, be = 0;
+      for (int other = 0; other < cl.rank; ++other) {
+        bg += *cl.map(&sh.block_gt, other);
+        be += *cl.map(&sh.block_eq, other);
+      }
+      sh.base_gt = bg;
+      sh.base_eq = be;
+    }
+    cl.sync();  // remote reads done: nobody may reuse or release its counts before this
+    uint32_t run_gt = sh.base_gt, run_eq = sh.base_eq;
+
+    // Ordered compaction, one block-wide tile at a time.
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    for (int64_t base = 0; base < n; base += kTopkThreads) {
+      const int64_t i = base + tid;
+      const bool valid = i < n;
+      const uint32_t x = valid ? key(i) : 0u;
+      const bool is_gt = valid && x > kth;
+      const bool is_eq = valid && x == kth;
+      const uint32_t ballot_gt = __ballot_sync(kFullMask, is_gt);
+      const uint32_t ballot_eq = __ballot_sync(kFullMask, is_eq);
+      if (lane == 0) {
+        sh.warp_gt[warp] = __popc(ballot_gt);
+        sh.warp_eq[warp] = __popc(ballot_eq);
+      }
+      __syncthreads();
+      uint32_t before_gt = 0, before_eq = 0, tile_gt = 0, tile_eq = 0;
+#pragma unroll
+      for (int w = 0; w < kTopkWarps; ++w) {
+        const uint32_t a = sh.warp_gt[w], e = sh.warp_eq[w];
+        if (w < warp) {
+          before_gt += a;
+          before_eq += e;
+        }
+        tile_gt += a;
+        tile_eq += e;
+      }
+      if (is_gt || is_eq) {
+        const uint32_t gt_rank = run_gt + before_gt + __popc(ballot_gt & lanes_below);
+        const uint32_t eq_rank = run_eq + before_eq + __popc(ballot_eq & lanes_below);
+        if (is_gt || eq_rank < need_eq) {
+          out[int64_t(gt_rank) + min(eq_rank, need_eq)] = int32_t(lo + i);
+        }
+      }
+      run_gt += tile_gt;
+      run_eq += tile_eq;
+      __syncthreads();
+    }
+  }
+}
+
+template <typename T, bool kCached>
+cudaError_t launch_topk(const TopkParams& p, int cluster, int cache_bytes, const DeviceInfo& dev,
+                        cudaStream_t stream) {
+  static std::atomic<int> smem_set[kMaxDevices];
+  auto kernel = topk_kernel<T, kCached>;
+  const int smem = kSharedBytes + cache_bytes;
+  cudaError_t err = ensure_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, dev.device,
+                                        smem_set);
+  if (err != cudaSuccess) return err;
+  const dim3 grid{unsigned(cluster), unsigned(std::min<int64_t>(p.rows, 65535)), 1u};
+  return launch_kernel(kernel, grid, dim3(kTopkThreads), size_t(smem), stream, cluster, p, cluster);
+}
+
+template <typename T>
+cudaError_t topk_dispatch(const TopkParams& p, cudaStream_t stream) {
+  DeviceInfo dev;
+  cudaError_t err = current_device_info(&dev);
+  if (err != cudaSuccess) return err;
+  int cluster = 1;
+  if (dev.major >= 9) {
+    const int64_t to_fill = ceil_div(2 * int64_t(dev.num_sms), p.rows);
+    const int64_t by_length = ceil_div(p.length, kMinChunk);
+    cluster = int(std::max<int64_t>(1, std::min<int64_t>({to_fill, by_length, kMaxCluster})));
+  }
+  for (;;) {
+    const int64_t cache_bytes = ceil_div(p.length, cluster) * int64_t(sizeof(uint32_t));
+    const int64_t limit =
+        std::min<int64_t>(kMaxCachedBytes, int64_t(dev.max_smem_optin) - kSharedBytes - 1024);
+    err = cache_bytes <= limit ? launch_topk<T, true>(p, cluster, int(cache_bytes), dev, stream)
+                               : launch_topk<T, false>(p, cluster, 0, dev, stream);
+    if (err == cudaSuccess || cluster == 1) return err;
+    // A cluster launch that the device cannot schedule: fall back to one block per row.
+    (void)cudaGetLastError();
+    cluster = 1;
+  }
+}
+
+}  // namespace
+
+size_t topk_cuda_workspace_bytes(const TopkParams&) { return 0; }
+
+cudaError_t topk_cuda(const TopkParams& p, void* /*workspace*/, cudaStream_t stream) {
+  if (p.rows <= 0 || p.k_max <= 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32: return topk_dispatch<float>(p, stream);
+    case DType::kFloat16: return topk_dispatch<half_t>(p, stream);
+    case DType::kBFloat16: return topk_dispatch<bfloat16_t>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vattention

@@ -1,0 +1,43 @@
+// Stage "sparse attention": one decode query per (batch, query head) attends to
+// the K/V rows named by its index list, each row i carrying a log-weight
+// (log of its inclusion weight, added to the logit). Split-K: the list is cut
+// into num_splits contiguous chunks; each chunk keeps an fp32 online softmax
+// and writes a partial (out, lse); the "combine" stage merges the partials.
+#pragma once
+
+#include "attention_params.h"
+
+namespace vattention {
+
+struct SparseAttentionParams {
+  QKVParams qkv;
+  IndexListParams list;
+  int64_t num_splits;
+  float* partial_out;  // [batch, q_heads, num_splits, head_dim]
+  float* partial_lse;  // [batch, q_heads, num_splits]
+};
+
+// Chunk of a list of `count` entries handled by split s of n.
+VATT_HD void split_range(int64_t count, int64_t s, int64_t n, int64_t* begin, int64_t* end) {
+  const int64_t chunk = ceil_div(count, n);
+  *begin = s * chunk < count ? s * chunk : count;
+  *end = (s + 1) * chunk < count ? (s + 1) * chunk : count;
+}
+
+// Writes the partials of work items [item_begin, item_end) of the flattened
+// batch * q_heads * num_splits.
+void sparse_attention_partial_cpu(const SparseAttentionParams& p, int64_t item_begin,
+                                  int64_t item_end);
+
+// Split count for a launch: enough blocks to fill the device, chunks long
+// enough that the merge stays cheap.
+int64_t choose_num_splits(int64_t work_rows, int64_t max_count, int64_t num_sms);
+
+}  // namespace vattention
+
+#if defined(VATTENTION_WITH_CUDA)
+#include <cuda_runtime_api.h>
+namespace vattention {
+cudaError_t sparse_attention_partial_cuda(const SparseAttentionParams& p, cudaStream_t stream);
+}  // namespace vattention
+#endif

@@ -1,0 +1,261 @@
+"""vattention.decode: one decode step of verified sparse attention.
+
+The pipeline, each stage a file under python/vattention or csrc/vattention:
+select (heavy hitters) -> sparse attention over the deterministic set -> pilot
+sample and its statistics -> budget -> sample the residual -> sparse attention
+over the sample -> combine the two halves. Budgets and counts stay on the
+device: no step reads a tensor back to the host.
+"""
+from __future__ import annotations
+
+import math
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence, Union
+
+import torch
+
+from . import budget as budget_rules
+from . import ops
+from .config import FRACTION_SLACK, VAttentionConfig, resolve_size
+from .select import oracle_scores
+
+Tensor = torch.Tensor
+SeedLike = Union[None, int, Tensor]
+
+MAX_RNG_OFFSET = 1 << 30
+
+
+def _no_timer(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def _row_size(size, lengths: Tensor) -> Tensor:
+    """Per-row token count of a config size (int count or float fraction of the row)."""
+    if isinstance(size, float):
+        counts = torch.ceil(lengths.to(torch.float64) * size - FRACTION_SLACK).to(torch.int64)
+        return torch.minimum(counts.clamp(min=0), lengths)
+    return lengths.clamp(max=size)
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if not isinstance(q, Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a tensor [batch, q_heads, head_dim], got "
+                         f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a tensor [batch, kv_heads, length, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if k.shape[3] != q.shape[2]:
+        raise ValueError(f"k has head_dim {k.shape[3]} but q has head_dim {q.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
+    if k.shape[2] >= 2 ** 31 - 1:
+        raise ValueError(f"k's length must be < 2^31 - 1, got {k.shape[2]}")
+
+
+def _lengths(seq_lens, batch: int, length: int, device: torch.device) -> Tensor:
+    if seq_lens is None:
+        return torch.full((batch,), length, dtype=torch.int64, device=device)
+    if not isinstance(seq_lens, Tensor):
+        seq_lens = torch.as_tensor(seq_lens)
+    if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must be an int32/int64 tensor of shape [{batch}], got "
+                         f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if seq_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Host data: checking it costs no synchronisation.
+        if bool(((seq_lens < 0) | (seq_lens > length)).any()):
+            raise ValueError(f"seq_lens must lie in [0, {length}] (k's length), got "
+                             f"{seq_lens.tolist()}")
+        return seq_lens.to(device=device, dtype=torch.int64, non_blocking=True)
+    if seq_lens.device != device and seq_lens.device.type != "cpu":
+        raise ValueError(f"seq_lens must be on the CPU or on {device}, got {seq_lens.device}")
+    seq_lens = seq_lens.to(device, non_blocking=True)
+    torch._assert_async(((seq_lens >= 0) & (seq_lens <= length)).all(),
+                        f"seq_lens must lie in [0, {length}]")
+    return seq_lens.to(torch.int64)
+
+
+def _rng_state(seed: SeedLike, device: torch.device) -> Tensor:
+    """[seed, offset] as an int64 device tensor, the state the samplers read."""
+    if seed is None:
+        # Drawn on the device from torch's generator: reproducible under torch.manual_seed,
+        # fresh on every call, and replay-safe in CUDA graphs like torch's own random ops.
+        drawn = torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
+        return torch.cat([drawn, torch.zeros(1, dtype=torch.int64, device=device)])
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.shape != (2,):
+            raise ValueError(f"seed as a tensor must be int64 [seed, offset], got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed tensor must be on {device}, got {seed.device}")
+        return seed
+    if isinstance(seed, (tuple, list)) and len(seed) == 2:
+        seed, offset = seed
+    else:
+        offset = 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be None, an int in [0, 2^63), a (seed, offset) pair or an "
+                         f"int64 tensor [2], got {seed!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < MAX_RNG_OFFSET:
+        raise ValueError(f"seed offset must be an int in [0, 2^30), got {offset!r}")
+    return torch.tensor([seed, offset], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _per_list(rows: Tensor, list_heads: int) -> Tensor:
+    """[B] per-batch values -> [B * list_heads] int32, the samplers' row layout."""
+    return rows[:, None].expand(-1, list_heads).reshape(-1).to(torch.int32)
+
+
+def _per_head(values: Tensor, batch: int, list_heads: int, q_heads: int) -> Tensor:
+    """Per-list values ([B * list_heads] or [B, list_heads]) -> [B, q_heads] per query head."""
+    values = values.reshape(batch, list_heads)
+    if list_heads == q_heads:
+        return values
+    return values.repeat_interleave(q_heads // list_heads, dim=1)
+
+
+def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = None,
+           seq_lens: Union[None, Tensor, Sequence[int]] = None, scale: Optional[float] = None,
+           seed: SeedLike = None, return_stats: bool = False,
+           stage_timer: Optional[Callable[[str], ContextManager]] = None):
+    """Sparse attention of one decode query per (batch, head) with an (epsilon, delta) guarantee.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0; seq_lens: [B] valid lengths
+    (default N); scale: logit scale (default 1/sqrt(D)); seed: None (torch's generator),
+    an int, a (seed, offset) pair, or an int64 device tensor [seed, offset].
+    Returns out [B, Hq, D] in q's dtype, and with return_stats a dict of per-head
+    device tensors (see README). stage_timer(name), if given, wraps each stage (select,
+    attend, pilot, budget, sample, combine) so a benchmark can time them.
+    """
+    stage = stage_timer or _no_timer
+    cfg = VAttentionConfig() if cfg is None else cfg
+    if not isinstance(cfg, VAttentionConfig):
+        raise TypeError(f"cfg must be a VAttentionConfig, got {type(cfg).__name__}")
+    _validate(q, k, v)
+    batch, q_heads, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    device = q.device
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    lengths = _lengths(seq_lens, batch, length, device)
+    rng = _rng_state(seed, device)
+    list_heads = kv_heads if cfg.share_gqa else q_heads
+
+    # Token budget of every row, as device tensors [B].
+    sink = _row_size(cfg.sink, lengths)
+    local = torch.minimum(_row_size(cfg.local, lengths), lengths - sink)
+    window_start, window_end = sink, lengths - local
+    heavy = torch.minimum(_row_size(cfg.heavy, lengths), window_end - window_start)
+    n_residual = window_end - window_start - heavy
+    pilot_wanted = torch.where(
+        n_residual > 0,
+        torch.ceil(n_residual.to(torch.float64) * cfg.base_rate - FRACTION_SLACK)
+        .to(torch.int64).clamp(min=2),
+        torch.zeros_like(n_residual))
+    # Their static upper bounds size the buffers.
+    sink_max, local_max = resolve_size(cfg.sink, length), resolve_size(cfg.local, length)
+    heavy_max = resolve_size(cfg.heavy, length)
+    pilot_max = max(2, math.ceil(cfg.base_rate * length - FRACTION_SLACK))
+
+    starts_rows = _per_list(window_start, list_heads)
+    ends_rows = _per_list(window_end, list_heads)
+
+    with stage("select"):
+        scores = oracle_scores(q, k, lengths, scale, cfg.share_gqa)
+        heavy_idx = ops.topk(scores.reshape(batch * list_heads, length), starts_rows, ends_rows,
+                             _per_list(heavy, list_heads), heavy_max)
+
+    # Exact attention over the deterministic set.
+    sink_pos = torch.arange(sink_max, device=device)
+    sink_idx = torch.where(sink_pos[None, :] < sink[:, None], sink_pos[None, :], -1)
+    local_pos = torch.arange(local_max, device=device)
+    local_idx = torch.where(local_pos[None, :] < local[:, None],
+                            window_end[:, None] + local_pos[None, :], -1)
+    fixed_idx = torch.cat([sink_idx, local_idx], dim=1).to(torch.int32)
+    det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
+                         heavy_idx.view(batch, list_heads, heavy_max)], dim=2).contiguous()
+    det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
+                            device=device)
+    with stage("attend"):
+        det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
+                                                cfg.num_splits)
+
+    with stage("pilot"):
+        pilot_idx, _, pilot_counts = ops.sample_residual(
+            heavy_idx, starts_rows, ends_rows, _per_list(pilot_wanted, list_heads), rng,
+            pilot_max, 0)
+        pilot_max_logit, moments, vector_moments = ops.pilot_stats(
+            q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
+            pilot_counts.view(batch, list_heads), scale)
+
+    # Budget per query head, then per list (max over the heads that share it).
+    with stage("budget"):
+        n_residual_heads = n_residual[:, None].expand(-1, q_heads)
+        pilot_heads = _per_head(pilot_counts, batch, list_heads, q_heads)
+        estimate = budget_rules.estimate(det_out, det_lse, pilot_max_logit, moments,
+                                         vector_moments, pilot_heads, n_residual_heads)
+        required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads,
+                                                 pilot_heads, cfg.epsilon, cfg.delta)
+        n_residual_f = n_residual_heads.to(torch.float64)
+        # A pilot that enumerated the residual already knows it: attend it exactly.
+        # Otherwise draw at least min_samples: the CLT behind the budget needs a few dozen.
+        pilot_exhausted = pilot_heads.to(torch.float64) >= n_residual_f
+        wanted = torch.where(pilot_exhausted, n_residual_f,
+                             required.clamp(min=float(cfg.min_samples)))
+        wanted = torch.minimum(torch.ceil(wanted), n_residual_f)
+        wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2)
+
+    sample_max = max(length, 1)
+    with stage("sample"):
+        sample_idx, sample_log_weights, sample_counts = ops.sample_residual(
+            heavy_idx, starts_rows, ends_rows, wanted_lists.reshape(-1).to(torch.int32), rng,
+            sample_max, 1)
+    with stage("attend"):
+        sample_out, sample_lse = ops.sparse_attention(
+            q, k, v, sample_idx.view(batch, list_heads, sample_max),
+            sample_log_weights.view(batch, list_heads, sample_max),
+            sample_counts.view(batch, list_heads), scale, cfg.num_splits)
+
+    with stage("combine"):
+        out, _ = ops.combine(torch.stack([det_out, sample_out]),
+                             torch.stack([det_lse, sample_lse]))
+        out = out.to(q.dtype)
+    if not return_stats:
+        return out
+
+    sampled_heads = _per_head(sample_counts, batch, list_heads, q_heads)
+    exact = _per_head(wanted_lists >= n_residual[:, None].to(torch.float64), batch, list_heads,
+                      q_heads)
+    read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
+    for idx in (pilot_idx, sample_idx):
+        read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
+    sampled_rows_read = read[:, :length].sum(dim=1)
+    deterministic = sink + local + heavy
+    rows_read = deterministic[:, None] + sampled_rows_read.view(batch, list_heads)
+    density = rows_read.to(torch.float32) / lengths.clamp(min=1)[:, None].to(torch.float32)
+    achieved = torch.where(
+        exact | (n_residual_f == 0), torch.zeros_like(required),
+        cfg.epsilon * torch.sqrt(required / sampled_heads.to(torch.float64).clamp(min=1.0)))
+    stats = {
+        "budget": sampled_heads,
+        "required": required,
+        "pilot": pilot_heads,
+        "density": _per_head(density, batch, list_heads, q_heads),
+        "exact": exact,
+        "n_residual": n_residual_heads,
+        "deterministic": deterministic[:, None].expand(-1, q_heads),
+        "error_bound": achieved,
+        "heavy_indices": heavy_idx.view(batch, list_heads, heavy_max),
+    }
+    return out, stats

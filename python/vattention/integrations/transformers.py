@@ -1,0 +1,548 @@
+"""vattention as a Hugging Face transformers attention implementation: ``"vattention"``.
+
+Importing this module registers the name with transformers' ``AttentionInterface`` (and
+the matching mask function with ``ALL_MASK_ATTENTION_FUNCTIONS``), so that any model whose
+attention modules dispatch through that interface (the Llama family: Llama, SmolLM2,
+Mistral, Qwen2, ...) can run it::
+
+    import vattention
+    from vattention.integrations import transformers as vt
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="vattention")
+    vt.configure(model, vattention.VAttentionConfig(epsilon=0.05), seed=0)  # optional
+    with vt.collect_stats(model) as stats:
+        model.generate(**inputs, max_new_tokens=64)
+    print(stats.summary())
+
+What runs where:
+
+- **Prefill** (any call whose query length is > 1) runs transformers' dense ``sdpa``
+  attention, unchanged.
+- **Decode steps** (query length 1) call ``vattention.decode`` directly on the KV-cache
+  tensors ``[B, Hkv, N, D]`` (no repeat of K/V over GQA groups) with the module's own
+  ``scaling`` and the layer's configuration.
+- **Masks / padding**: a decode step's mask says which keys each row may see. Every row's
+  visible keys must form one contiguous range ``[start, end)`` of the cache (no padding,
+  right padding, a static cache's unused tail, left padding, a sliding window). Rows that
+  all start at 0 go to one batched ``decode`` call with ``seq_lens = end``; when some row
+  starts later (left padding), each row is decoded on its own view
+  ``k[b, :, start:end]`` (no copy). Masks with holes, per-head masks that differ between
+  heads, and additive float masks with values other than 0 / -inf are rejected with a
+  ``ValueError``. The mask is read once on the host per forward pass (one small device to
+  host copy per step on CUDA, shared by all layers), not once per layer.
+- **Per-layer configuration**: ``configure(model, config, seed=...)`` takes one
+  ``VAttentionConfig`` for every layer, a mapping ``{layer: entry}`` (layers not listed
+  keep the default ``VAttentionConfig()``), a sequence with one entry per layer, or a
+  callable ``layer -> entry``. An entry is a ``VAttentionConfig``, ``None`` (dense
+  attention for that layer) or any object with a ``decode(q, k, v, seq_lens=, scale=,
+  seed=, return_stats=)`` method of ``vattention.decode``'s contract (e.g. the
+  matched-density baselines of ``vattention.baselines``).
+- **Seeds**: with an int ``seed`` every sampled index is a function of ``(seed, layer,
+  step)``: layer ``l`` calls ``decode`` with ``seed=(mix(seed, l), step)``, where ``step``
+  counts that layer's decode steps since its last prefill (or since ``configure`` /
+  ``reset_steps``), so the same prompt and seed give the same generation. Rows decoded
+  one by one (left padding) mix their row index into the seed as well. ``seed=None``
+  (default) draws from torch's generator: reproducible under ``torch.manual_seed``.
+- **Stats**: ``collect_stats(model)`` records, for every decode step of every layer, the
+  stats dict of ``vattention.decode`` (``budget``, ``density``, ``pilot``, ``exact``, ...:
+  device tensors ``[B, Hq]``); see ``DecodeStats``.
+- ``disable(model, "sdpa")`` switches back and forgets the per-layer state;
+  ``layer_configs(model)`` shows what each layer runs; ``layer_seed(seed, layer, step)``
+  is the seed pair a decode step passes to ``vattention.decode``.
+
+Limits: only decode steps with a KV cache are sparse (``use_cache=False`` runs dense
+prefill-style passes); attention dropout, softcapping, attention sinks / ``s_aux`` and
+position biases are rejected on decode steps; reading the mask on the host makes the
+step unsuitable for CUDA-graph capture or ``torch.compile(fullgraph=True)`` when a mask is
+present (no padding and a dynamic cache: no mask, no host read). The module needs only
+transformers' public attention and mask interfaces; on CUDA it runs the extension's CUDA
+kernels like ``vattention.decode`` itself does.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from statistics import median
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..config import VAttentionConfig
+from ..decode import MAX_RNG_OFFSET, decode as vattention_decode
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+Tensor = torch.Tensor
+
+NAME = "vattention"
+_STATE_ATTR = "_vattention_state"
+_MASK64 = (1 << 64) - 1
+_DEFAULT = VAttentionConfig()
+
+#: What a layer runs on decode steps: vAttention with a config, dense attention (None), or
+#: a custom decode method (an object with vattention.decode's signature minus cfg).
+LayerEntry = Any
+LayerConfigs = Union[LayerEntry, Mapping[int, LayerEntry], Sequence[LayerEntry],
+                     Callable[[int], LayerEntry]]
+
+
+# --------------------------------------------------------------------------- registration
+
+def register() -> None:
+    """Registers ``"vattention"`` with transformers (idempotent; done on import)."""
+    AttentionInterface.register(NAME, attention_forward)
+    # Without a registered mask function transformers builds no causal mask at all. The
+    # sdpa mask is a boolean [B, 1, q_len, kv_len] mask, or None when nothing is masked.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+# --------------------------------------------------------------------------- per-layer state
+
+class _Shared:
+    """State shared by all layers of one model: the seed, stats recorders, the mask cache."""
+
+    def __init__(self, seed: Optional[int] = None):
+        self.seed = seed
+        self.recorders: List["DecodeStats"] = []
+        self._mask_cache: Optional[tuple] = None
+
+    def key_ranges(self, mask: Optional[Tensor], batch: int, length: int) -> "KeyRanges":
+        if mask is None:
+            return KeyRanges(None, None, None)
+        cached = self._mask_cache
+        # All layers of one forward pass get the same mask tensor: analyse it once.
+        version = _version(mask)
+        if (cached is not None and cached[0] is mask and cached[1] == version
+                and cached[2] == (batch, length)):
+            return cached[3]
+        ranges = key_ranges(mask, batch, length)
+        self._mask_cache = (mask, version, (batch, length), ranges)
+        return ranges
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and are never mutated)
+        return -1
+
+
+@dataclass
+class _LayerState:
+    shared: _Shared
+    layer: int
+    entry: LayerEntry
+    step: int = 0
+
+    def seed_for_step(self) -> Optional[tuple]:
+        """(seed, offset) of this decode step, or None (torch's generator); advances the step."""
+        step = self.step
+        self.step += 1
+        if self.shared.seed is None:
+            return None
+        if step >= MAX_RNG_OFFSET:
+            raise RuntimeError(f"vattention: layer {self.layer} ran {step} decode steps since its "
+                               f"last prefill; seeds cover 2^30 steps (call reset_steps(model))")
+        return layer_seed(self.shared.seed, self.layer, step)
+
+
+def layer_seed(seed: int, layer: int, step: int, row: Optional[int] = None) -> tuple:
+    """The ``(seed, offset)`` pair that decode step ``step`` of ``layer`` passes to decode.
+
+    ``row``: the batch row, for rows decoded one at a time (left-padded batches).
+    """
+    layer_key = _mix(seed, layer)
+    return (layer_key if row is None else _mix(layer_key, row), step)
+
+
+def _mix(seed: int, value: int) -> int:
+    """A 63-bit hash of (seed, value) (splitmix64): one independent Philox key per layer/row."""
+    x = (seed * 0x9E3779B97F4A7C15 + value + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def _attention_modules(model: torch.nn.Module) -> Dict[int, torch.nn.Module]:
+    """The model's attention modules by layer index (modules with layer_idx and scaling)."""
+    found: Dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and hasattr(module, "scaling") and hasattr(module, "config"):
+            if layer in found and found[layer] is not module:
+                raise ValueError(f"vattention: two attention modules claim layer_idx {layer} "
+                                 f"({type(found[layer]).__name__}, {type(module).__name__})")
+            found[layer] = module
+    if not found:
+        raise TypeError(f"vattention: {type(model).__name__} has no attention modules with a "
+                        f"layer_idx and scaling; the integration supports transformers models "
+                        f"whose attention dispatches through AttentionInterface (Llama family)")
+    return dict(sorted(found.items()))
+
+
+def _layer_state(module: torch.nn.Module) -> _LayerState:
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:  # attn_implementation="vattention" without configure(): the defaults
+        state = _LayerState(_Shared(), int(module.layer_idx), _DEFAULT)
+        setattr(module, _STATE_ATTR, state)
+    return state
+
+
+def _attach(model: torch.nn.Module) -> Dict[int, _LayerState]:
+    """Every attention module's state, all pointing at one _Shared (created when missing)."""
+    modules = _attention_modules(model)
+    states = {layer: getattr(m, _STATE_ATTR, None) for layer, m in modules.items()}
+    shared = next((s.shared for s in states.values() if s is not None), None) or _Shared()
+    for layer, module in modules.items():
+        if states[layer] is None:
+            states[layer] = _LayerState(shared, layer, _DEFAULT)
+            setattr(module, _STATE_ATTR, states[layer])
+        states[layer].shared = shared
+    return states
+
+
+# --------------------------------------------------------------------------- configuration
+
+def _check_entry(entry: LayerEntry, where: str) -> LayerEntry:
+    if entry is None or isinstance(entry, VAttentionConfig):
+        return entry
+    if callable(getattr(entry, "decode", None)):
+        return entry
+    raise TypeError(f"vattention: {where} must be a VAttentionConfig, None (dense attention) or "
+                    f"an object with a decode(q, k, v, seq_lens=, scale=, seed=, return_stats=) "
+                    f"method, got {type(entry).__name__} {entry!r}")
+
+
+def _resolve(config: LayerConfigs, layers: Sequence[int]) -> Dict[int, LayerEntry]:
+    n = len(layers)
+    if config is None or isinstance(config, VAttentionConfig) or callable(
+            getattr(config, "decode", None)):
+        return {layer: config for layer in layers}
+    if isinstance(config, Mapping):
+        entries = {layer: _DEFAULT for layer in layers}
+        for key, entry in config.items():
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise TypeError(f"vattention: per-layer config keys must be int layer indices, "
+                                f"got {key!r}")
+            if not -n <= key < n:
+                raise ValueError(f"vattention: per-layer config names layer {key}, but the model "
+                                 f"has {n} layers (0..{n - 1})")
+            entries[layers[key]] = _check_entry(entry, f"the config of layer {key}")
+        return entries
+    if isinstance(config, (list, tuple)):
+        if len(config) != n:
+            raise ValueError(f"vattention: a per-layer config sequence needs one entry per layer "
+                             f"({n}), got {len(config)}")
+        return {layer: _check_entry(e, f"the config of layer {layer}")
+                for layer, e in zip(layers, config)}
+    if callable(config):
+        return {layer: _check_entry(config(layer), f"config({layer})") for layer in layers}
+    raise TypeError(f"vattention: config must be a VAttentionConfig, None (dense), a mapping "
+                    f"layer -> config, a sequence of per-layer configs or a callable "
+                    f"layer -> config, got {type(config).__name__} {config!r}")
+
+
+def configure(model: torch.nn.Module, config: LayerConfigs = _DEFAULT, *,
+              seed: Optional[int] = None) -> torch.nn.Module:
+    """Switches ``model`` to ``attn_implementation="vattention"`` and sets what each layer runs.
+
+    config: a ``VAttentionConfig`` for every layer (default ``VAttentionConfig()``), ``None``
+        (dense attention everywhere), a mapping ``{layer: entry}`` (negative indices count
+        from the end; layers not listed run ``VAttentionConfig()``), a sequence of one entry
+        per layer, or a callable ``layer -> entry``. An entry is a ``VAttentionConfig``,
+        ``None`` (dense) or an object with a ``decode`` method like ``vattention.decode``'s.
+    seed: ``None`` (torch's generator) or an int in [0, 2^63): every sample is then a
+        function of ``(seed, layer, step)``.
+
+    Resets every layer's step counter. Returns the model.
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"vattention: seed must be None or an int in [0, 2^63), got {seed!r}")
+    modules = _attention_modules(model)
+    entries = _resolve(config, list(modules))
+    old = [getattr(m, _STATE_ATTR, None) for m in modules.values()]
+    shared = _Shared(seed)
+    # Recorders of a collect_stats block in progress keep recording.
+    for state in old:
+        if state is not None:
+            shared.recorders = state.shared.recorders
+            break
+    for layer, module in modules.items():
+        setattr(module, _STATE_ATTR, _LayerState(shared, layer, entries[layer]))
+    _enable(model)
+    return model
+
+
+def _enable(model: torch.nn.Module) -> None:
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(NAME)
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        # Older transformers, or a model that refuses dynamic switching: set every config.
+        for module in model.modules():
+            cfg = getattr(module, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = NAME
+
+
+def disable(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Switches ``model`` back to ``attn_implementation`` and forgets its vattention state."""
+    for module in _attention_modules(model).values():
+        if hasattr(module, _STATE_ATTR):
+            delattr(module, _STATE_ATTR)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    else:
+        for module in model.modules():
+            cfg = getattr(module, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = attn_implementation
+    return model
+
+
+def layer_configs(model: torch.nn.Module) -> Dict[int, LayerEntry]:
+    """What each layer runs on decode steps (a VAttentionConfig, None for dense, or a method)."""
+    return {layer: state.entry for layer, state in _attach(model).items()}
+
+
+def reset_steps(model: torch.nn.Module) -> None:
+    """Restarts every layer's step counter (the seed offset) at 0."""
+    for state in _attach(model).values():
+        state.step = 0
+
+
+# --------------------------------------------------------------------------- masks
+
+@dataclass(frozen=True)
+class KeyRanges:
+    """Which cache positions each row of a decode step may attend to.
+
+    ``starts is None``: every row's keys are the prefix ``[0, seq_lens[b])`` (``seq_lens``
+    None: all ``N``). Otherwise row ``b`` sees ``[starts[b], ends[b])`` (host ints).
+    """
+
+    seq_lens: Optional[Tensor]
+    starts: Optional[List[int]]
+    ends: Optional[List[int]]
+
+
+def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
+    """The valid key range of each row from a decode step's 4D mask ([B or 1, H or 1, 1, N]).
+
+    Boolean masks (True = attend) and additive float masks (0 = attend, -inf or the dtype's
+    min = masked) are accepted; each row's visible keys must be one contiguous range.
+    """
+    if mask is None:
+        return KeyRanges(None, None, None)
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"vattention: the attention mask of a decode step must be a 4D tensor "
+                         f"[batch, heads, 1, kv_length] or None, got {got}")
+    if mask.shape[-1] < length or mask.shape[0] not in (1, batch):
+        raise ValueError(f"vattention: the attention mask {tuple(mask.shape)} does not cover "
+                         f"batch {batch} x {length} keys")
+    last = mask[:, :, -1, :length]
+    if mask.dtype == torch.bool:
+        valid = last
+        bias = torch.zeros((), dtype=torch.bool, device=mask.device)
+    elif mask.is_floating_point():
+        valid = last == 0
+        bias = ((last != 0) & (last > torch.finfo(last.dtype).min / 2)).any()
+    else:
+        raise ValueError(f"vattention: attention masks must be bool or float, got {mask.dtype}")
+    heads_differ = (valid != valid[:, :1]).any()
+    valid = valid[:, 0].expand(batch, length)
+    counts = valid.sum(-1)
+    positions = torch.arange(length, device=mask.device)
+    first = torch.where(valid, positions, length).amin(-1)
+    final = torch.where(valid, positions, -1).amax(-1)
+    holes = ((counts > 0) & (final - first + 1 != counts)).any()
+    host = torch.cat([counts, first, torch.stack([holes, heads_differ, bias]).long()]).cpu()
+    counts_h, first_h = host[:batch], host[batch:2 * batch]
+    holes_h, heads_h, bias_h = (bool(x) for x in host[2 * batch:])
+    if bias_h:
+        raise ValueError("vattention: additive attention biases (mask values other than 0 and "
+                         "-inf) are not supported on decode steps")
+    if heads_h:
+        raise ValueError("vattention: per-head attention masks that differ between heads are "
+                         "not supported on decode steps")
+    if holes_h:
+        raise ValueError("vattention: every row of a decode step must see one contiguous range "
+                         "of keys (padding on the left or right, a sliding window); this mask "
+                         "has holes (e.g. padding inside the sequence)")
+    starts = torch.where(counts_h > 0, first_h, torch.zeros_like(first_h))
+    ends = starts + counts_h
+    if bool((starts == 0).all()):
+        return KeyRanges(None if bool((ends == length).all()) else ends, None, None)
+    return KeyRanges(None, starts.tolist(), ends.tolist())
+
+
+# --------------------------------------------------------------------------- attention
+
+def _run(entry: LayerEntry, q: Tensor, k: Tensor, v: Tensor, seq_lens, scale, seed,
+         return_stats: bool):
+    if isinstance(entry, VAttentionConfig):
+        return vattention_decode(q, k, v, entry, seq_lens=seq_lens, scale=scale, seed=seed,
+                                 return_stats=return_stats)
+    return entry.decode(q, k, v, seq_lens=seq_lens, scale=scale, seed=seed,
+                        return_stats=return_stats)
+
+
+def _cat_stats(parts: List[Dict[str, Tensor]], starts: List[int]) -> Dict[str, Tensor]:
+    """Per-row stats dicts -> one dict; heavy indices shifted back to cache positions."""
+    out = {}
+    for name in parts[0]:
+        values = []
+        for part, start in zip(parts, starts):
+            value = part[name]
+            if name == "heavy_indices":
+                value = torch.where(value >= 0, value + start, value)
+            values.append(value)
+        out[name] = _pad_cat(values, dim=0)
+    return out
+
+
+def _pad_cat(values: List[Tensor], dim: int) -> Tensor:
+    """torch.cat along dim, padding the last dim to a common width (-1 / nan)."""
+    width = max(v.shape[-1] for v in values) if values[0].dim() else 0
+    padded = []
+    for v in values:
+        if v.dim() and v.shape[-1] < width:
+            fill = float("nan") if v.is_floating_point() else -1
+            v = torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=fill)
+        padded.append(v)
+    return torch.cat(padded, dim=dim)
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0,
+                      scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                      **kwargs):
+    """The registered attention function: dense sdpa on prefill, vattention.decode on decode.
+
+    query [B, Hq, T, D]; key/value [B, Hkv, N, D] (the whole cache); returns
+    ([B, T, Hq, D], None) like transformers' own attention functions.
+    """
+    state = _layer_state(module)
+    if query.shape[2] != 1 or state.entry is None:
+        if query.shape[2] != 1:
+            state.step = 0  # a new prompt: seeds restart at step 0
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if module.training and dropout > 0:
+        raise NotImplementedError("vattention: attention dropout is not supported on decode "
+                                  "steps (call model.eval())")
+    for name in ("softcap", "s_aux", "sinks", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"vattention: the model passes {name!r} to attention; "
+                                      f"only plain softmax attention (Llama family) is supported")
+    if kwargs.get("output_attentions"):
+        warnings.warn("vattention: attention weights are not returned on decode steps",
+                      stacklevel=2)
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    batch, length = query.shape[0], key.shape[2]
+    q = query[:, :, 0]
+    ranges = state.shared.key_ranges(attention_mask, batch, length)
+    seed = state.seed_for_step()
+    recording = bool(state.shared.recorders)
+    if ranges.starts is None:
+        result = _run(state.entry, q, key, value, ranges.seq_lens, scaling, seed, recording)
+        out, stats = result if recording else (result, None)
+    else:
+        outs, parts = [], []
+        for b, (start, end) in enumerate(zip(ranges.starts, ranges.ends)):
+            row_seed = None if seed is None else (_mix(seed[0], b), seed[1])  # layer_seed(row=b)
+            result = _run(state.entry, q[b:b + 1], key[b:b + 1, :, start:],
+                          value[b:b + 1, :, start:],
+                          torch.tensor([end - start], dtype=torch.int64), scaling, row_seed,
+                          recording)
+            out_b, stats_b = result if recording else (result, None)
+            outs.append(out_b)
+            parts.append(stats_b)
+        out = torch.cat(outs, dim=0)
+        stats = _cat_stats(parts, ranges.starts) if recording else None
+    if recording:
+        for recorder in state.shared.recorders:
+            recorder.record(state.layer, stats)
+    return out.to(query.dtype).unsqueeze(1), None
+
+
+# --------------------------------------------------------------------------- stats
+
+class DecodeStats:
+    """Stats of every decode step of every layer run inside ``collect_stats``.
+
+    ``layers[layer]`` is a list with one dict per decode step (the stats dict of
+    ``vattention.decode``: device tensors ``[B, Hq]``, ``heavy_indices`` ``[B, lists, k]``).
+    Dense layers (config None) record nothing.
+    """
+
+    def __init__(self, keys: Optional[Sequence[str]] = None):
+        self.keys = None if keys is None else tuple(keys)
+        self.layers: Dict[int, List[Dict[str, Tensor]]] = {}
+
+    def record(self, layer: int, stats: Dict[str, Tensor]) -> None:
+        if stats is None:
+            return
+        kept = {name: value.detach() for name, value in stats.items()
+                if self.keys is None or name in self.keys}
+        self.layers.setdefault(layer, []).append(kept)
+
+    def steps(self, layer: int) -> int:
+        return len(self.layers.get(layer, ()))
+
+    def stack(self, name: str, layer: Optional[int] = None):
+        """``name`` over steps: a tensor ``[steps, ...]`` for one layer, else {layer: tensor}."""
+        if layer is None:
+            return {lay: self.stack(name, lay) for lay in self.layers}
+        steps = self.layers.get(layer)
+        if not steps:
+            raise KeyError(f"vattention: no decode steps recorded for layer {layer}")
+        return _pad_cat([s[name][None] for s in steps], dim=0)
+
+    def summary(self) -> Dict[int, Dict[str, float]]:
+        """Per layer: steps, mean density, budget per head (min / median / max), exact share."""
+        result = {}
+        for layer, steps in self.layers.items():
+            row: Dict[str, float] = {"steps": len(steps)}
+            if "density" in steps[0]:
+                row["density"] = float(self.stack("density", layer).double().mean())
+            if "budget" in steps[0]:
+                budget = self.stack("budget", layer).double().flatten().tolist()
+                row.update(budget_min=min(budget), budget_median=median(budget),
+                           budget_max=max(budget))
+            if "exact" in steps[0]:
+                row["exact"] = float(self.stack("exact", layer).double().mean())
+            result[layer] = row
+        return result
+
+
+@contextlib.contextmanager
+def collect_stats(model: torch.nn.Module, keys: Optional[Sequence[str]] = None
+                  ) -> Iterator[DecodeStats]:
+    """Records the decode stats of every layer while the block runs (see DecodeStats).
+
+    keys: only these stats (default all). Asking for stats makes every decode call also
+    compute them (a little extra work per step).
+    """
+    states = _attach(model)
+    shared = next(iter(states.values())).shared
+    recorder = DecodeStats(keys)
+    shared.recorders.append(recorder)
+    try:
+        yield recorder
+    finally:
+        # configure() inside the block may have replaced the shared state.
+        for state in _attach(model).values():
+            if recorder in state.shared.recorders:
+                state.shared.recorders.remove(recorder)
+                break
+
+
+register()

@@ -1,0 +1,101 @@
+"""Thin wrappers over torch.ops.vattention.* and their fake kernels.
+
+The fake (meta) kernels give torch.compile and CUDA-graph capture the output
+shapes without running anything. The semantics of each op are documented in the
+torch-free headers under csrc/vattention/.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.vattention)
+
+Tensor = torch.Tensor
+
+
+def topk(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: int) -> Tensor:
+    """Top-ks[r] positions of scores[r, starts[r]:ends[r]], ascending, -1 padded to k_max."""
+    return torch.ops.vattention.topk(scores, starts, ends, ks, k_max)
+
+
+def sample_residual(heavy: Tensor, starts: Tensor, ends: Tensor, num_samples: Tensor,
+                    rng: Tensor, max_out: int, stream: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Uniform draws from each row's residual: (indices, log_weights, counts)."""
+    return torch.ops.vattention.sample_residual(heavy, starts, ends, num_samples, rng, max_out,
+                                                stream)
+
+
+def pilot_stats(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
+                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(max_logit [B,Hq], moments [B,Hq,3], vector_moments [B,Hq,2,D]) of a pilot list."""
+    return torch.ops.vattention.pilot_stats(q, k, v, indices, counts, scale)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
+                     log_weights: Optional[Tensor], counts: Tensor, scale: float,
+                     num_splits: int = 0) -> Tuple[Tensor, Tensor]:
+    """Attention over index lists with per-index log-weights: (out fp32 [B,Hq,D], lse [B,Hq])."""
+    return torch.ops.vattention.sparse_attention(q, k, v, indices, log_weights, counts, scale,
+                                                 num_splits)
+
+
+def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
+    """Merges partials [S, ..., D] / [S, ...] into (out [..., D], lse [...])."""
+    return torch.ops.vattention.combine(partial_out, partial_lse)
+
+
+def _check_rank(t: Tensor, rank: int, name: str, layout: str) -> None:
+    torch._check(t.dim() == rank,
+                 lambda: f"vattention: {name} must be {layout}, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake("vattention::topk")
+def _topk_fake(scores, starts, ends, ks, k_max):
+    _check_rank(scores, 2, "scores", "[rows, length]")
+    torch._check(k_max >= 0, lambda: f"vattention: k_max must be >= 0, got {k_max}")
+    return scores.new_empty((scores.shape[0], k_max), dtype=torch.int32)
+
+
+@torch.library.register_fake("vattention::sample_residual")
+def _sample_residual_fake(heavy, starts, ends, num_samples, rng, max_out, stream):
+    _check_rank(heavy, 2, "heavy", "[rows, heavy_max]")
+    torch._check(max_out >= 0, lambda: f"vattention: max_out must be >= 0, got {max_out}")
+    rows = heavy.shape[0]
+    return (heavy.new_empty((rows, max_out), dtype=torch.int32),
+            heavy.new_empty((rows, max_out), dtype=torch.float32),
+            heavy.new_empty((rows,), dtype=torch.int32))
+
+
+def _check_qkv(q, k, v):
+    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    _check_rank(k, 4, "k", "[batch, kv_heads, length, head_dim]")
+    _check_rank(v, 4, "v", "[batch, kv_heads, length, head_dim]")
+
+
+@torch.library.register_fake("vattention::pilot_stats")
+def _pilot_stats_fake(q, k, v, indices, counts, scale):
+    _check_qkv(q, k, v)
+    _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
+    b, h, d = q.shape
+    return (q.new_empty((b, h), dtype=torch.float32),
+            q.new_empty((b, h, 3), dtype=torch.float32),
+            q.new_empty((b, h, 2, d), dtype=torch.float32))
+
+
+@torch.library.register_fake("vattention::sparse_attention")
+def _sparse_attention_fake(q, k, v, indices, log_weights, counts, scale, num_splits):
+    _check_qkv(q, k, v)
+    _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
+    b, h, d = q.shape
+    return (q.new_empty((b, h, d), dtype=torch.float32),
+            q.new_empty((b, h), dtype=torch.float32))
+
+
+@torch.library.register_fake("vattention::combine")
+def _combine_fake(partial_out, partial_lse):
+    torch._check(partial_out.dim() >= 2, lambda: "vattention: partial_out must be "
+                 f"[splits, ..., head_dim], got shape {tuple(partial_out.shape)}")
+    torch._check(partial_out.shape[0] > 0, lambda: "vattention: combine needs at least one partial")
+    return partial_out.new_empty(partial_out.shape[1:]), partial_lse.new_empty(partial_lse.shape[1:])

@@ -1,0 +1,227 @@
+"""The whole vAttention algorithm in plain PyTorch, one (batch row, index list) at a time.
+
+Readable and float64-capable: the oracle the tests compare the kernels and
+`vattention.decode` against. It shares no code with the fast path except the
+configuration and the budget formulas' constants: the Philox stream is re-derived
+with numpy, the residual is an explicit list of positions, and the budget
+statistics come from the pilot's explicit terms r_i rather than from moments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .budget import z_one_sided, z_two_sided
+from .config import FRACTION_SLACK, VAttentionConfig
+
+Tensor = torch.Tensor
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox 4x32-10 on numpy uint64 arrays holding 32-bit words (Random123's constants)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = (np.uint64(k) for k in key)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _MASK32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _MASK32)
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _MASK32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_ranks(seed: int, offset: int, row: int, stream: int, draws: int, n: int) -> List[int]:
+    """Draw j of (seed, offset, row, stream): 64 random bits scaled to a rank in [0, n)."""
+    j = np.arange(draws, dtype=np.uint64)
+    words = philox4x32_10(
+        (j >> np.uint64(1), np.full_like(j, offset), np.full_like(j, row), np.full_like(j, stream)),
+        (seed & 0xFFFFFFFF, seed >> 32))
+    odd = (j & np.uint64(1)).astype(bool)
+    lo = np.where(odd, words[2], words[0])
+    hi = np.where(odd, words[3], words[1])
+    n64 = np.uint64(n)
+    ranks = (hi * n64 + ((lo * n64) >> np.uint64(32))) >> np.uint64(32)
+    return [int(r) for r in ranks]
+
+
+def row_size(size, n: int) -> int:
+    if isinstance(size, float):
+        return min(max(math.ceil(n * size - FRACTION_SLACK), 0), n)
+    return min(size, n)
+
+
+def top_positions(scores: Tensor, start: int, end: int, k: int) -> List[int]:
+    """The k best positions of scores[start:end] (ties: lower position), ascending."""
+    candidates = sorted(range(start, end), key=lambda i: (-float(scores[i]), i))
+    return sorted(candidates[:k])
+
+
+def draw_residual(residual: List[int], wanted: int, seed: int, offset: int, row: int,
+                  stream: int, max_out: int):
+    """(positions, weight) of a uniform with-replacement sample, or all of R when wanted >= n_r."""
+    n_r = len(residual)
+    if n_r == 0 or wanted <= 0:
+        return [], 1.0
+    if wanted >= n_r and n_r <= max_out:
+        return list(residual), 1.0
+    count = min(wanted, max_out)
+    ranks = uniform_ranks(seed, offset, row, stream, count, n_r)
+    return [residual[r] for r in ranks], n_r / count
+
+
+@dataclass
+class ListTrace:
+    """What the reference did for one (batch row, index list)."""
+
+    deterministic: List[int]
+    heavy: List[int]
+    residual: List[int]
+    pilot: List[int]
+    sample: List[int]
+    sample_weight: float
+    required: Dict[int, float] = field(default_factory=dict)  # per query head
+
+
+def _budget(rule: str, epsilon: float, delta: float, n_r: int, s_det: Tensor, v_det: Tensor,
+            s_pilot: Tensor, v_pilot: Tensor) -> float:
+    """Budget from the explicit pilot terms r_i; sample (co)variances with ddof = 1."""
+    shift = torch.cat([s_det, s_pilot]).max()
+    w_det, w_pilot = torch.exp(s_det - shift), torch.exp(s_pilot - shift)
+    p = len(s_pilot)
+    z_hat = w_det.sum() + n_r * w_pilot.mean()
+    n_hat = (w_det[:, None] * v_det).sum(0) + n_r * (w_pilot[:, None] * v_pilot).mean(0)
+    o_hat = n_hat / z_hat
+
+    def trace_cov(terms: Tensor) -> Tensor:  # terms [p, D]: trace of the sample covariance
+        return ((terms - terms.mean(0)) ** 2).sum() / (p - 1)
+
+    def clt(z: float, trace: Tensor, tau: Tensor) -> float:
+        if tau <= 0:
+            return math.inf if trace > 0 else 0.0
+        return float((z * n_r) ** 2 * trace / tau ** 2)
+
+    var_w = trace_cov(w_pilot[:, None])
+    if rule == "denominator":
+        return clt(z_one_sided(delta), var_w, epsilon * z_hat)
+    if rule == "paper":
+        z = z_two_sided(delta / 2)
+        return max(clt(z, trace_cov(w_pilot[:, None] * v_pilot), epsilon / 4 * n_hat.norm()),
+                   clt(z, var_w, epsilon / 4 * z_hat))
+    if rule == "ratio":
+        z = z_two_sided(delta)
+        trace = trace_cov(w_pilot[:, None] * (v_pilot - o_hat))
+        o_lower = o_hat.norm() - z * n_r * torch.sqrt(trace / p) / z_hat
+        return clt(z, trace, epsilon * z_hat * o_lower)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None,
+           scale: Optional[float] = None, seed: int = 0, offset: int = 0,
+           dtype: torch.dtype = torch.float64, heavy_override=None, budget_override=None,
+           return_trace: bool = False):
+    """Reference vAttention decode (see vattention.decode for the arguments).
+
+    heavy_override[b][l] / budget_override[b][l] replace the reference's own heavy set or
+    sample size for list l of row b, so a test can replay the fast path's choices and
+    compare outputs exactly where float32 and float64 would round a tie differently.
+    """
+    batch, q_heads, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    list_heads = kv_heads if cfg.share_gqa else q_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    lengths = [length] * batch if seq_lens is None else [int(n) for n in seq_lens]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = torch.zeros(batch, q_heads, dim, dtype=dtype)
+    traces: List[List[ListTrace]] = []
+
+    for b in range(batch):
+        n = lengths[b]
+        sink = row_size(cfg.sink, n)
+        local = min(row_size(cfg.local, n), n - sink)
+        start, end = sink, n - local
+        heavy_k = min(row_size(cfg.heavy, n), end - start)
+        row_traces = []
+        for lst in range(list_heads):
+            heads = list(range(lst * group, (lst + 1) * group)) if cfg.share_gqa else [lst]
+            kv = heads[0] // group
+            logits = {h: scale * (k[b, kv, :n] @ q[b, h]) for h in heads}
+
+            # Select: top-k of the (group-combined) log-probabilities.
+            if cfg.share_gqa:
+                scores = torch.stack([logits[h] - torch.logsumexp(logits[h], 0) for h in heads]).amax(0)
+            else:
+                scores = logits[heads[0]]
+            if heavy_override is not None:
+                heavy = sorted(int(i) for i in heavy_override[b][lst])
+            else:
+                heavy = top_positions(scores, start, end, heavy_k)
+            deterministic = sorted(set(range(sink)) | set(range(end, n)) | set(heavy))
+            heavy_set = set(heavy)
+            residual = [i for i in range(start, end) if i not in heavy_set]
+            n_r = len(residual)
+            row = b * list_heads + lst
+
+            # Pilot.
+            pilot_wanted = max(2, math.ceil(n_r * cfg.base_rate - FRACTION_SLACK)) if n_r else 0
+            pilot_max = max(2, math.ceil(cfg.base_rate * length - FRACTION_SLACK))
+            pilot, _ = draw_residual(residual, pilot_wanted, seed, offset, row, 0, pilot_max)
+
+            # Budget: per head, then the max over the heads sharing the list.
+            required = {}
+            for h in heads:
+                if n_r == 0 or len(pilot) >= n_r:
+                    required[h] = float(n_r)
+                    continue
+                required[h] = _budget(cfg.rule, cfg.epsilon, cfg.delta, n_r,
+                                      logits[h][deterministic], v[b, kv, deterministic],
+                                      logits[h][pilot], v[b, kv, pilot])
+            wanted = 0
+            for h in heads:
+                per_head = n_r if len(pilot) >= n_r else max(required[h], cfg.min_samples)
+                wanted = max(wanted, min(math.ceil(per_head), n_r))
+            if budget_override is not None:
+                wanted = int(budget_override[b][lst])
+
+            # Sample and estimate: weight 1 on the deterministic set, n_r / b on the sample.
+            sample, weight = draw_residual(residual, wanted, seed, offset, row, 1, max(length, 1))
+            for h in heads:
+                positions = deterministic + sample
+                if not positions:
+                    continue
+                weights = torch.tensor([1.0] * len(deterministic) + [weight] * len(sample),
+                                       dtype=dtype)
+                s = logits[h][positions]
+                p = weights * torch.exp(s - s.max())
+                out[b, h] = (p[:, None] * v[b, kv, positions]).sum(0) / p.sum()
+            row_traces.append(ListTrace(deterministic, heavy, residual, pilot, sample, weight,
+                                        required))
+        traces.append(row_traces)
+    return (out, traces) if return_trace else out
+
+
+def dense(q: Tensor, k: Tensor, v: Tensor, seq_lens=None, scale: Optional[float] = None,
+          dtype: torch.dtype = torch.float64) -> Tensor:
+    """Exact attention of one query per head over each row's valid prefix."""
+    batch, q_heads, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    lengths = [length] * batch if seq_lens is None else [int(n) for n in seq_lens]
+    out = torch.zeros(batch, q_heads, dim, dtype=dtype)
+    for b in range(batch):
+        n = lengths[b]
+        if n == 0:
+            continue
+        kk = k[b, :, :n].to(dtype).repeat_interleave(group, 0)
+        vv = v[b, :, :n].to(dtype).repeat_interleave(group, 0)
+        probs = torch.softmax(scale * torch.einsum("hd,hnd->hn", q[b].to(dtype), kk), dim=-1)
+        out[b] = torch.einsum("hn,hnd->hd", probs, vv)
+    return out
