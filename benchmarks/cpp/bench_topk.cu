@@ -1,7 +1,11 @@
-// Benchmark of the CUDA radix top-k (vattention::topk_cuda) against nothing but
-// the bytes it must read: time and GB/s of scores read, for rows x length fp32
-// scores with a large k (5% of 131072 = 6553) and a small k. Each case is also
-// checked against topk_cpu (exact equality) unless --no-check.
+// Benchmark of the CUDA top-k (vattention::topk_cuda) against nothing but the
+// bytes it must read: time and GB/s of scores read, for rows x length scores with
+// a large k (5% of 131072 = 6553: the radix-select path) and a small k (the
+// warp-select path, k_max <= kWarpSelectMaxK = 256). To compare the two paths at
+// one k, the *_radix cases ask for the same k with k_max = kWarpSelectMaxK + 1,
+// which takes the radix path (the extra output slots are -1): small_k vs
+// small_k_radix and cutoff_k (k = 256) vs cutoff_k_radix. Each case is also checked
+// against topk_cpu (exact equality) unless --no-check.
 //
 //   bench_topk [--rows 32] [--length 131072] [--k 6553] [--small-k 64]
 //              [--dtype f32|f16|bf16] [--iters 50] [--tiny] [--no-check] [--json out.json]
@@ -11,6 +15,7 @@
 
 #include "bench_common.h"
 #include "vattention/select.h"
+#include "vattention/warp_select_cuda.cuh"  // kWarpSelectMaxK: the dispatch cutoff
 
 using namespace vattention;
 
@@ -40,7 +45,8 @@ uint16_t to_half(float f) {
 
 struct Case {
   const char* name;
-  int64_t k;
+  int64_t k;      // every row's k
+  int64_t k_max;  // output width; decides the path
 };
 
 }  // namespace
@@ -77,7 +83,8 @@ int main(int argc, char** argv) {
 
   void* d_scores = nullptr;
   int32_t *d_starts = nullptr, *d_ends = nullptr, *d_ks = nullptr, *d_out = nullptr;
-  const int64_t k_max = std::max(k_large, k_small);
+  constexpr int64_t kCutoff = cuda_detail::kWarpSelectMaxK;
+  const int64_t k_max = std::max({k_large, k_small, kCutoff + 1});
   BENCH_CHECK(cudaMalloc(&d_scores, host.size()));
   BENCH_CHECK(cudaMalloc(&d_starts, rows * sizeof(int32_t)));
   BENCH_CHECK(cudaMalloc(&d_ends, rows * sizeof(int32_t)));
@@ -97,8 +104,12 @@ int main(int argc, char** argv) {
   std::vector<bench::Json> cases;
   bool all_ok = true;
 
-  const Case list[] = {{"large_k", k_large}, {"small_k", k_small}};
+  std::vector<Case> list = {{"large_k", k_large, k_large}, {"small_k", k_small, k_small}};
+  if (k_small <= kCutoff) list.push_back({"small_k_radix", k_small, kCutoff + 1});
+  list.push_back({"cutoff_k", kCutoff, kCutoff});
+  list.push_back({"cutoff_k_radix", kCutoff, kCutoff + 1});
   for (const Case& c : list) {
+    const char* path = c.k_max <= kCutoff ? "warp" : "radix";
     std::vector<int32_t> ks(rows, int32_t(c.k));
     BENCH_CHECK(cudaMemcpy(d_ks, ks.data(), rows * sizeof(int32_t), cudaMemcpyHostToDevice));
     TopkParams p{};
@@ -110,7 +121,7 @@ int main(int argc, char** argv) {
     p.indices = d_out;
     p.rows = rows;
     p.length = length;
-    p.k_max = c.k;
+    p.k_max = c.k_max;
     p.dtype = dtype;
     auto run = [&] { BENCH_CHECK(topk_cuda(p, nullptr, nullptr)); };
     const double ms = bench::time_ms(run, iters);
@@ -119,7 +130,7 @@ int main(int argc, char** argv) {
     const double gbps = bytes / (ms * 1e-3) / 1e9;
     std::string status = "skipped";
     if (check) {
-      std::vector<int32_t> got(size_t(rows * c.k)), ref(size_t(rows * c.k));
+      std::vector<int32_t> got(size_t(rows * c.k_max)), ref(size_t(rows * c.k_max));
       BENCH_CHECK(cudaMemcpy(got.data(), d_out, got.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
       TopkParams h = p;
       h.scores = host.data();
@@ -131,13 +142,15 @@ int main(int argc, char** argv) {
       status = got == ref ? "pass" : "FAIL";
       all_ok = all_ok && got == ref;
     }
-    std::printf("topk %-8s rows=%lld length=%lld k=%lld %s: %.4f ms (median), %.4f ms (back-to-back), "
-                "%.1f GB/s of scores, check %s\n",
-                c.name, (long long)rows, (long long)length, (long long)c.k, dtype_name.c_str(), ms,
-                ms_batched, gbps, status.c_str());
+    std::printf("topk %-14s rows=%lld length=%lld k=%lld k_max=%lld (%s) %s: %.4f ms (median), "
+                "%.4f ms (back-to-back), %.1f GB/s of scores, check %s\n",
+                c.name, (long long)rows, (long long)length, (long long)c.k, (long long)c.k_max, path,
+                dtype_name.c_str(), ms, ms_batched, gbps, status.c_str());
     bench::Json j;
     j.field("name", c.name);
     j.field("k", (long long)c.k);
+    j.field("k_max", (long long)c.k_max);
+    j.field("path", path);
     j.field("ms", ms);
     j.field("ms_back_to_back", ms_batched);
     j.field("gbps", gbps);

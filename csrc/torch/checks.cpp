@@ -196,4 +196,71 @@ void check_partials(const at::Tensor& partial_out, const at::Tensor& partial_lse
               "vattention: partial_out and partial_lse must be contiguous");
 }
 
+CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& partial_lse,
+                             int64_t items, int64_t splits, int64_t dim, bool splits_first,
+                             const at::Tensor& out, const at::Tensor& lse) {
+  CombineParams c{};
+  c.partial_out = partial_out.data_ptr<float>();
+  c.partial_lse = partial_lse.data_ptr<float>();
+  c.item_stride_out = splits_first ? dim : splits * dim;
+  c.split_stride_out = splits_first ? items * dim : dim;
+  c.item_stride_lse = splits_first ? 1 : splits;
+  c.split_stride_lse = splits_first ? items : 1;
+  c.out = out.data_ptr<float>();
+  c.lse = lse.data_ptr<float>();
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  return c;
+}
+
+
+SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& lengths, double scale, bool share_gqa) {
+  TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
+              k.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "vattention: q and k must share a dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "vattention: q and k must be on one device, got ",
+              q.device(), " and ", k.device());
+  TORCH_CHECK(k.size(0) == q.size(0), "vattention: k has batch ", k.size(0), " but q has ",
+              q.size(0));
+  TORCH_CHECK(k.size(3) == q.size(2), "vattention: k has head_dim ", k.size(3), " but q has ",
+              q.size(2));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "vattention: q_heads (", q.size(1), ") must be a positive multiple of kv_heads (",
+              k.size(1), ")");
+  TORCH_CHECK((q.size(2) <= 1 || q.stride(2) == 1) && (k.size(3) <= 1 || k.stride(3) == 1),
+              "vattention: the head_dim of q and k must be contiguous");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
+              "vattention: lengths must be int64 or int32, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0),
+              "vattention: lengths must have shape [", q.size(0), "], got ", lengths.sizes());
+  TORCH_CHECK(lengths.device() == q.device(), "vattention: lengths must be on ", q.device(),
+              ", got ", lengths.device());
+  TORCH_CHECK(lengths.is_contiguous(), "vattention: lengths must be contiguous");
+  SelectScoresParams p{};
+  p.qkv.q = q.data_ptr();
+  p.qkv.k = k.data_ptr();
+  p.qkv.v = nullptr;
+  p.qkv.q_batch_stride = q.stride(0);
+  p.qkv.q_head_stride = q.stride(1);
+  p.qkv.k_batch_stride = k.stride(0);
+  p.qkv.k_head_stride = k.stride(1);
+  p.qkv.k_row_stride = k.stride(2);
+  p.qkv.batch = q.size(0);
+  p.qkv.q_heads = q.size(1);
+  p.qkv.kv_heads = k.size(1);
+  p.qkv.length = k.size(2);
+  p.qkv.head_dim = q.size(2);
+  p.qkv.dtype = element_type(q, "q");
+  p.qkv.scale = float(scale);
+  p.lengths = lengths.data_ptr();
+  p.lengths_int64 = lengths.scalar_type() == at::kLong;
+  p.share_gqa = share_gqa;
+  p.num_splits = 0;
+  return p;
+}
+
 }  // namespace vattention::binding

@@ -42,4 +42,17 @@ SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
 
 void check_partials(const at::Tensor& partial_out, const at::Tensor& partial_lse);
 
+// Partials laid out [items, splits, dim] (splits_first = false, as sparse_attention
+// writes them) or [splits, items, dim] (splits_first = true, the combine op's input),
+// merged into out [items, dim] and lse [items].
+CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& partial_lse,
+                             int64_t items, int64_t splits, int64_t dim, bool splits_first,
+                             const at::Tensor& out, const at::Tensor& lse);
+
+
+// q [B, Hq, D], k [B, Hkv, N, D] (common dtype and device, head_dim contiguous,
+// Hq % Hkv == 0), lengths [B] int32 or int64 on q's device. The caller sets scores.
+SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& lengths, double scale, bool share_gqa);
+
 }  // namespace vattention::binding

@@ -92,18 +92,8 @@ std::tuple<at::Tensor, at::Tensor> combine_into(const at::Tensor& partial_out,
                                                 const at::Tensor& partial_lse, int64_t items,
                                                 int64_t splits, int64_t dim, bool splits_first,
                                                 at::Tensor out, at::Tensor lse) {
-  CombineParams c{};
-  c.partial_out = partial_out.data_ptr<float>();
-  c.partial_lse = partial_lse.data_ptr<float>();
-  c.item_stride_out = splits_first ? dim : splits * dim;
-  c.split_stride_out = splits_first ? items * dim : dim;
-  c.item_stride_lse = splits_first ? 1 : splits;
-  c.split_stride_lse = splits_first ? items : 1;
-  c.out = out.data_ptr<float>();
-  c.lse = lse.data_ptr<float>();
-  c.items = items;
-  c.num_splits = splits;
-  c.head_dim = dim;
+  const CombineParams c =
+      combine_params(partial_out, partial_lse, items, splits, dim, splits_first, out, lse);
   at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) { combine_cpu(c, begin, end); });
   return {out, lse};
 }
@@ -146,6 +136,18 @@ std::tuple<at::Tensor, at::Tensor> combine_cpu_op(const at::Tensor& partial_out,
                       at::empty(partial_lse.sizes().slice(1), partial_lse.options()));
 }
 
+at::Tensor select_scores_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lengths,
+                               double scale, bool share_gqa) {
+  SelectScoresParams p = select_scores_params(q, k, lengths, scale, share_gqa);
+  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+  at::Tensor scores =
+      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
+  p.scores = scores.data_ptr<float>();
+  at::parallel_for(0, p.qkv.batch * p.qkv.kv_heads, kGrain,
+                   [&](int64_t begin, int64_t end) { select_scores_cpu(p, begin, end); });
+  return scores;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CPU, m) {
@@ -154,6 +156,7 @@ TORCH_LIBRARY_IMPL(vattention, CPU, m) {
   m.impl("pilot_stats", &pilot_stats_cpu_op);
   m.impl("sparse_attention", &sparse_attention_cpu_op);
   m.impl("combine", &combine_cpu_op);
+  m.impl("select_scores", &select_scores_cpu_op);
 }
 
 }  // namespace vattention::binding

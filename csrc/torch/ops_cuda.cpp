@@ -45,6 +45,7 @@ at::Tensor topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, cons
                         const at::Tensor& ks, int64_t k_max) {
   check_cuda(scores, "scores");
   const c10::cuda::CUDAGuard guard(scores.device());
+  check_topk_args(scores, starts, ends, ks, k_max);
   at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
   const TopkParams p = topk_params(scores, starts, ends, ks, k_max, indices);
   if (p.rows == 0 || p.k_max == 0) return indices;
@@ -100,23 +101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
   return {max_logit, moments, vector_moments};
 }
 
-// Merges partials laid out [items, splits, dim] (splits_first = false) or
-// [splits, items, dim] (splits_first = true) into out [items, dim], lse [items].
 void launch_combine(const at::Tensor& partial_out, const at::Tensor& partial_lse, int64_t items,
                     int64_t splits, int64_t dim, bool splits_first, const at::Tensor& out,
                     const at::Tensor& lse) {
-  CombineParams c{};
-  c.partial_out = partial_out.data_ptr<float>();
-  c.partial_lse = partial_lse.data_ptr<float>();
-  c.item_stride_out = splits_first ? dim : splits * dim;
-  c.split_stride_out = splits_first ? items * dim : dim;
-  c.item_stride_lse = splits_first ? 1 : splits;
-  c.split_stride_lse = splits_first ? items : 1;
-  c.out = out.data_ptr<float>();
-  c.lse = lse.data_ptr<float>();
-  c.items = items;
-  c.num_splits = splits;
-  c.head_dim = dim;
+  const CombineParams c =
+      combine_params(partial_out, partial_lse, items, splits, dim, splits_first, out, lse);
   if (items > 0) C10_CUDA_CHECK(combine_cuda(c, at::cuda::getCurrentCUDAStream()));
 }
 
@@ -167,6 +156,25 @@ std::tuple<at::Tensor, at::Tensor> combine_cuda_op(const at::Tensor& partial_out
   return {out, lse};
 }
 
+at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& lengths, double scale, bool share_gqa) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  SelectScoresParams p = select_scores_params(q, k, lengths, scale, share_gqa);
+  check_head_dim(p.qkv.head_dim);
+  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+  at::Tensor scores =
+      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
+  if (scores.numel() == 0) return scores;
+  p.scores = scores.data_ptr<float>();
+  const size_t ws_bytes = select_scores_cuda_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
+  C10_CUDA_CHECK(select_scores_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+                                    at::cuda::getCurrentCUDAStream()));
+  return scores;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
@@ -175,6 +183,7 @@ TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
   m.impl("pilot_stats", &pilot_stats_cuda_op);
   m.impl("sparse_attention", &sparse_attention_cuda_op);
   m.impl("combine", &combine_cuda_op);
+  m.impl("select_scores", &select_scores_cuda_op);
 }
 
 }  // namespace vattention::binding

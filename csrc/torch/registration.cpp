@@ -21,4 +21,6 @@ TORCH_LIBRARY(vattention, m) {
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? log_weights, "
       "Tensor counts, float scale, int num_splits) -> (Tensor, Tensor)");
   m.def("combine(Tensor partial_out, Tensor partial_lse) -> (Tensor, Tensor)");
+  m.def(
+      "select_scores(Tensor q, Tensor k, Tensor lengths, float scale, bool share_gqa) -> Tensor");
 }

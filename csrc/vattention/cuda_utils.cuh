@@ -3,7 +3,7 @@
 // attribute caches.
 //
 // VATT_EMULATE: the kernels are also compiled as plain C++ against the CPU
-// emulator in csrc/emu (one fiber per CUDA thread), so that they can be checked
+// emulator in tests/cuda_emulator (one fiber per CUDA thread), so that they can be checked
 // against the CPU kernels on machines without a GPU. Everything that differs
 // between the two builds is in this header.
 #pragma once

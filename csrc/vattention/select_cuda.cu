@@ -1,9 +1,22 @@
-// CUDA top-k (stage "select"): a radix select per row on the 32-bit orderable
-// key, then an ordered compaction, reproducing topk_cpu exactly.
+// CUDA top-k (stage "select"), reproducing topk_cpu exactly. Two paths:
 //
-// One thread-block cluster (up to 8 blocks, sm_90) serves a row: each block owns
-// a contiguous chunk of the row's window and caches its keys in shared memory,
-// so the scores are read from global memory once. Three radix passes (11, 11 and
+// Small k (k_max <= kWarpSelectMaxK = 256): warp select, in the spirit of FAISS's
+// WarpSelect (warp_select_cuda.cuh). Candidates are 64-bit composites
+// (key << 32 | ~position), so one integer order is (key desc, position asc).
+// Each warp streams its share of the row and keeps, in registers, a sorted queue
+// of its best Q = 32 * R candidates (Q = 32, 64, 128 or 256: the next power of two
+// >= k_max) plus a few pending candidates per lane that beat the queue's k-th
+// best; pending candidates are merged in with a warp-wide bitonic sort + merge
+// (shuffles) whenever a lane could overflow. The warps' queues are then merged
+// pairwise through shared memory, and on sm_90 the queues of up to 8 blocks of a
+// cluster (each owning a contiguous chunk of the row) through distributed shared
+// memory. Finally one warp sorts the k winners by position (bitonic sort) and
+// writes them ascending, padded with -1.
+//
+// Large k: a radix select per row on the 32-bit orderable key, then an ordered
+// compaction. One thread-block cluster (up to 8 blocks, sm_90) serves a row: each
+// block owns a contiguous chunk of the row's window and caches its keys in shared
+// memory, so the scores are read from global memory once. Three radix passes (11, 11 and
 // 10 bits, most significant first) find the k-th largest key T and how many keys
 // equal to T must be taken (`need_eq`: the lowest positions win). Per-block
 // histograms are summed through distributed shared memory. Finally each block
@@ -12,14 +25,17 @@
 // order with a block-wide ballot scan: a selected position p lands at
 //   (#keys > T before p) + min(#keys == T before p, need_eq).
 // Rows longer than the clusters' shared memory re-read the keys from global
-// memory in each pass (kCached = false). Without clusters (pre-sm_90 devices) a
-// single block serves a row.
+// memory in each pass (kCached = false).
+//
+// Without clusters (pre-sm_90 devices, or a cluster launch the device refuses)
+// a single block serves a row on either path.
 #include <cooperative_groups.h>
 
 #include <algorithm>
 
 #include "cuda_utils.cuh"
 #include "select.h"
+#include "warp_select_cuda.cuh"
 
 namespace vattention {
 namespace {
@@ -333,12 +349,165 @@ cudaError_t topk_dispatch(const TopkParams& p, cudaStream_t stream) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// Small k: warp select (see the top of the file and warp_select_cuda.cuh).
+// ---------------------------------------------------------------------------
+
+constexpr int kWarpTopkThreads = 256;
+constexpr int kWarpTopkWarps = kWarpTopkThreads / 32;  // >= kMaxCluster (cluster merge)
+constexpr int kWarpTopkLoad = 4;   // scores per lane per tile, loaded together
+constexpr int kWarpTopkSlots = 8;  // pending candidates per lane
+static_assert(kWarpTopkWarps >= kMaxCluster, "the cluster merge uses one warp per block");
+static_assert(kWarpTopkLoad <= kWarpTopkSlots, "a tile must fit in the pending slots");
+
+template <typename T>
+__device__ __forceinline__ void load_key_tile(const void* scores, int64_t row_offset, int64_t lo,
+                                              int64_t n, int64_t i0,
+                                              uint32_t (&keys)[kWarpTopkLoad]) {
+  const T* row = static_cast<const T*>(scores) + row_offset;
+#pragma unroll
+  for (int u = 0; u < kWarpTopkLoad; ++u) {
+    const int64_t i = i0 + int64_t(u) * 32;
+    keys[u] = i < n ? key_at(row, lo + i) : 0u;
+  }
+}
+
+// One row per cluster of blocks (or per block), rows strided over gridDim.y. The
+// element type is a run-time switch: only the queue length R is a template
+// parameter, which keeps this path at four kernels. (The explicit minimum of 2
+// blocks per SM caps registers at 128; without it ptxas spilled at R = 1, 2.)
+template <int R>
+__global__ void __launch_bounds__(kWarpTopkThreads, 2)
+warp_topk_kernel(const TopkParams p, const int cluster_size) {
+  using namespace warp_select;
+  Pair* slots = reinterpret_cast<Pair*>(dynamic_smem());  // [kWarpTopkWarps][32 * R]
+  const Cluster cl{cluster_size, int(blockIdx.x)};
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t cluster_threads = int64_t(cl.size) * kWarpTopkThreads;
+
+  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    int32_t* out = p.indices + r * p.k_max;
+    const int64_t start = max(int64_t(p.starts[r]), int64_t(0));
+    const int64_t end = min(int64_t(p.ends[r]), p.length);
+    const int64_t avail = max(end - start, int64_t(0));
+    const int64_t k = min(min(int64_t(max(p.ks[r], 0)), avail), p.k_max);  // <= 32 * R
+    const int64_t first = int64_t(cl.rank) * kWarpTopkThreads + tid;
+
+    for (int64_t j = k + first; j < p.k_max; j += cluster_threads) out[j] = -1;
+    if (k == 0) continue;
+    if (k == avail) {  // the whole window, in order
+      for (int64_t j = first; j < k; j += cluster_threads) out[j] = int32_t(start + j);
+      continue;
+    }
+
+    const int64_t chunk = ceil_div(avail, cl.size);
+    const int64_t lo = start + int64_t(cl.rank) * chunk;
+    const int64_t n = max(min(end - lo, chunk), int64_t(0));
+    const int64_t row_offset = r * p.score_row_stride;
+
+    // Stream this block's chunk: tiles of kWarpTopkThreads * kWarpTopkLoad scores,
+    // each warp taking kWarpTopkLoad coalesced runs of 32. The next tile's loads
+    // are issued before the current tile is offered to the queue.
+    WarpQueue<R, kWarpTopkSlots> queue;
+    queue.init(int(k));
+    constexpr int64_t kTile = int64_t(kWarpTopkThreads) * kWarpTopkLoad;
+    const int64_t lane_first = int64_t(warp) * (32 * kWarpTopkLoad) + lane;
+    auto load_tile = [&](int64_t i0, uint32_t(&keys)[kWarpTopkLoad]) {
+      switch (p.dtype) {
+        case DType::kFloat32: load_key_tile<float>(p.scores, row_offset, lo, n, i0, keys); break;
+        case DType::kFloat16: load_key_tile<half_t>(p.scores, row_offset, lo, n, i0, keys); break;
+        default: load_key_tile<bfloat16_t>(p.scores, row_offset, lo, n, i0, keys); break;
+      }
+    };
+    uint32_t keys[kWarpTopkLoad];
+    load_tile(lane_first, keys);
+    for (int64_t base = 0; base < n; base += kTile) {
+      const int64_t i0 = base + lane_first;
+      uint32_t next[kWarpTopkLoad];
+      load_tile(i0 + kTile, next);
+#pragma unroll
+      for (int u = 0; u < kWarpTopkLoad; ++u) {
+        const int64_t i = i0 + int64_t(u) * 32;
+        queue.offer(i < n ? make_pair(keys[u], lo + i) : Pair(0));
+      }
+      queue.maybe_flush(kWarpTopkLoad, lane);
+#pragma unroll
+      for (int u = 0; u < kWarpTopkLoad; ++u) keys[u] = next[u];
+    }
+    queue.flush(lane);
+
+    // The block's best 32 * R, in warp 0.
+    block_merge(queue.queue, slots, kWarpTopkWarps, warp, lane);
+    if (cl.size > 1) {
+      // Warp w of rank 0 fetches the list of rank w; rank 0 then merges them.
+      if (warp == 0) store_list(slots, queue.queue, lane);
+      cl.sync();
+      if (cl.rank == 0 && warp > 0 && warp < cl.size) {
+        load_list(cl.map(slots, warp), queue.queue, lane);
+      }
+      cl.sync();  // remote reads done: the other ranks may move on
+      if (cl.rank == 0) block_merge(queue.queue, slots, cl.size, warp, lane);
+    }
+
+    // The k best, by ascending position.
+    if (cl.rank == 0 && warp == 0) {
+      uint32_t pos[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int i = lane * R + j;
+        pos[j] = i < k ? pair_position(queue.queue[j]) : 0xffffffffu;
+      }
+      warp_sort</*kAsc=*/true>(pos, lane);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int i = lane * R + j;
+        if (i < k) out[i] = int32_t(pos[j]);
+      }
+    }
+  }
+}
+
+template <int R>
+cudaError_t launch_warp_topk(const TopkParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  auto kernel = warp_topk_kernel<R>;
+  const int smem = kWarpTopkWarps * 32 * R * int(sizeof(warp_select::Pair));  // <= 16 KiB
+  int cluster = 1;
+  if (dev.major >= 9) {
+    const int64_t to_fill = ceil_div(4 * int64_t(dev.num_sms), p.rows);
+    const int64_t by_length = ceil_div(p.length, kMinChunk);
+    cluster = int(std::max<int64_t>(1, std::min<int64_t>({to_fill, by_length, kMaxCluster})));
+  }
+  for (;;) {
+    const dim3 grid{unsigned(cluster), unsigned(std::min<int64_t>(p.rows, 65535)), 1u};
+    const cudaError_t err = launch_kernel(kernel, grid, dim3(kWarpTopkThreads), size_t(smem),
+                                          stream, cluster, p, cluster);
+    if (err == cudaSuccess || cluster == 1) return err;
+    // A cluster launch that the device cannot schedule: fall back to one block per row.
+    (void)cudaGetLastError();
+    cluster = 1;
+  }
+}
+
+cudaError_t warp_topk_dispatch(const TopkParams& p, cudaStream_t stream) {
+  DeviceInfo dev;
+  const cudaError_t err = current_device_info(&dev);
+  if (err != cudaSuccess) return err;
+  if (p.k_max <= 32) return launch_warp_topk<1>(p, dev, stream);
+  if (p.k_max <= 64) return launch_warp_topk<2>(p, dev, stream);
+  if (p.k_max <= 128) return launch_warp_topk<4>(p, dev, stream);
+  return launch_warp_topk<8>(p, dev, stream);
+}
+
 }  // namespace
 
+// Both paths work in shared memory only (a row that needs several blocks uses a
+// cluster, not a second pass through global memory).
 size_t topk_cuda_workspace_bytes(const TopkParams&) { return 0; }
 
 cudaError_t topk_cuda(const TopkParams& p, void* /*workspace*/, cudaStream_t stream) {
   if (p.rows <= 0 || p.k_max <= 0) return cudaSuccess;
+  if (p.k_max <= kWarpSelectMaxK) return warp_topk_dispatch(p, stream);
   switch (p.dtype) {
     case DType::kFloat32: return topk_dispatch<float>(p, stream);
     case DType::kFloat16: return topk_dispatch<half_t>(p, stream);

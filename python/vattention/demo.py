@@ -125,7 +125,7 @@ def smollm2_demo(cfg: VAttentionConfig, n_tokens: int, new_tokens: int, seed: in
         with torch.no_grad():
             _sync(device)
             start = time.perf_counter()
-            prefill = model(ids, use_cache=True)
+            prefill = model(ids, use_cache=True, logits_to_keep=1)
             _sync(device)
             prefill_s = time.perf_counter() - start
         cache = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values

@@ -46,6 +46,13 @@ def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.ops.vattention.combine(partial_out, partial_lse)
 
 
+def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float,
+                  share_gqa: bool) -> Tensor:
+    """Oracle selection scores, fp32: [B, Hkv, N] with share_gqa (max over the group's heads of
+    the log-probability), else the logits [B, Hq, N]; -inf at positions >= lengths[b]."""
+    return torch.ops.vattention.select_scores(q, k, lengths, float(scale), bool(share_gqa))
+
+
 def _check_rank(t: Tensor, rank: int, name: str, layout: str) -> None:
     torch._check(t.dim() == rank,
                  lambda: f"vattention: {name} must be {layout}, got shape {tuple(t.shape)}")
@@ -99,3 +106,14 @@ def _combine_fake(partial_out, partial_lse):
                  f"[splits, ..., head_dim], got shape {tuple(partial_out.shape)}")
     torch._check(partial_out.shape[0] > 0, lambda: "vattention: combine needs at least one partial")
     return partial_out.new_empty(partial_out.shape[1:]), partial_lse.new_empty(partial_lse.shape[1:])
+
+
+@torch.library.register_fake("vattention::select_scores")
+def _select_scores_fake(q, k, lengths, scale, share_gqa):
+    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    _check_rank(k, 4, "k", "[batch, kv_heads, length, head_dim]")
+    _check_rank(lengths, 1, "lengths", "[batch]")
+    batch, q_heads = q.shape[0], q.shape[1]
+    kv_heads, length = k.shape[1], k.shape[2]
+    return q.new_empty((batch, kv_heads if share_gqa else q_heads, length), dtype=torch.float32)
+

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 Tensor = torch.Tensor
+
+_CUDA_HEAD_DIMS = (64, 128, 256)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def oracle_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa: bool) -> Tensor:
@@ -12,7 +17,27 @@ def oracle_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa
     A shared list ranks token i by max over the group's heads of its log-probability
     log p_h(i), so a token that dominates any one head is kept for all of them; raw
     logits would let the head with the largest logit scale decide alone.
+
+    Runs torch.ops.vattention.select_scores (reads K once per KV group, fp32 dot products
+    without rounding the logits to q's dtype) where it supports the inputs, else the plain
+    torch composition `oracle_scores_torch`.
     """
+    if _op_supports(q, k, lengths):
+        return ops.select_scores(q, k, lengths, scale, share_gqa)
+    return oracle_scores_torch(q, k, lengths, scale, share_gqa)
+
+
+def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
+    dim = q.shape[-1]
+    return (q.dtype in _DTYPES and k.dtype == q.dtype and k.device == q.device
+            and lengths.device == q.device and lengths.dtype in (torch.int32, torch.int64)
+            and q.shape[1] > 0 and (dim <= 1 or (q.stride(-1) == 1 and k.stride(-1) == 1))
+            and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _CUDA_HEAD_DIMS)))
+
+
+def oracle_scores_torch(q: Tensor, k: Tensor, lengths: Tensor, scale: float,
+                        share_gqa: bool) -> Tensor:
+    """The plain-torch composition of `oracle_scores` (the reference of the op's tests)."""
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads

@@ -1,2 +1,2 @@
 // The CUDA kernels of select_cuda.cu compiled as C++ for the CPU emulator.
-#include "../vattention/select_cuda.cu"
+#include "../../csrc/vattention/select_cuda.cu"

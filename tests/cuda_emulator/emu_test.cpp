@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
-#include "../vattention/combine.h"
-#include "../vattention/pilot.h"
-#include "../vattention/sample.h"
-#include "../vattention/select.h"
-#include "../vattention/sparse_attention.h"
+#include "../../csrc/vattention/combine.h"
+#include "../../csrc/vattention/pilot.h"
+#include "../../csrc/vattention/sample.h"
+#include "../../csrc/vattention/select.h"
+#include "../../csrc/vattention/sparse_attention.h"
 
 using namespace vattention;
 
@@ -175,6 +175,196 @@ void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, in
   }
 }
 
+// Small k (k_max <= 256): the warp-select path. Every queue length (32, 64, 128,
+// 256), cluster sizes 1..8 and the one-block fallback; per row a window kind, a
+// k kind and a fill (ties, NaN, infinities, +-0, monotone runs that defeat the
+// queue's threshold, all-NaN rows).
+void run_topk_compare(TopkParams p, const char* label, const std::vector<int32_t>& starts,
+                      const std::vector<int32_t>& ends, const std::vector<int32_t>& ks) {
+  std::vector<int32_t> ref(size_t(p.rows * p.k_max), 12345), got(size_t(p.rows * p.k_max), 12345);
+  p.indices = ref.data();
+  topk_cpu(p, 0, p.rows);
+  p.indices = got.data();
+  EXPECT(topk_cuda_workspace_bytes(p) == 0, "topk %s: unexpected workspace", label);
+  check_cuda(topk_cuda(p, nullptr, nullptr), "topk_cuda");
+  int64_t bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) bad += ref[i] != got[i];
+  EXPECT(bad == 0, "topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
+         dtype_name(p.dtype), (long long)p.rows, (long long)p.length, (long long)p.k_max,
+         (long long)bad);
+  if (bad == 0) return;
+  int shown = 0;
+  for (int64_t r = 0; r < p.rows && shown < 4; ++r) {
+    for (int64_t j = 0; j < p.k_max; ++j) {
+      if (ref[r * p.k_max + j] != got[r * p.k_max + j]) {
+        std::fprintf(stderr, "  row %lld (start %d end %d k %d) slot %lld: cpu %d cuda %d\n",
+                     (long long)r, starts[r], ends[r], ks[r], (long long)j, ref[r * p.k_max + j],
+                     got[r * p.k_max + j]);
+        ++shown;
+        break;
+      }
+    }
+  }
+}
+
+void test_topk_small_k_case(DType dtype, int64_t rows, int64_t length, int64_t k_max,
+                            uint32_t seed, const char* label) {
+  std::mt19937 rng(seed);
+  Buffer scores{dtype, {}};
+  const int64_t stride = length + 5;  // strided rows
+  scores.resize(size_t(rows * stride));
+  const float nan = std::nanf(""), inf = INFINITY;
+  std::vector<int32_t> starts(rows), ends(rows), ks(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int window = int(rng() % 7);
+    int64_t s = 0, e = length;
+    if (window == 1) e = length + 9;  // clipped
+    if (window == 2) {
+      s = int64_t(rng() % (length + 1));
+      e = s + int64_t(rng() % (length + 1));
+    }
+    if (window == 3) {  // a window of about k
+      s = int64_t(rng() % (length + 1));
+      e = s + k_max - 1 + int64_t(rng() % 3);
+    }
+    if (window == 4) s = e = int64_t(rng() % (length + 1));  // empty
+    if (window == 5) {
+      s = int64_t(rng() % (length / 3 + 1));
+      e = length - int64_t(rng() % (length / 3 + 1));
+    }
+    if (window == 6) s = -4;  // negative start: clamped to 0
+    starts[r] = int32_t(s);
+    ends[r] = int32_t(e);
+    const int kk = int(rng() % 6);
+    ks[r] = kk == 0   ? int32_t(k_max)
+            : kk == 1 ? int32_t(k_max + 3)                          // > k_max
+            : kk == 2 ? int32_t(std::max<int64_t>(e - s, 0) + 2)    // > window
+            : kk == 3 ? int32_t(1 + rng() % k_max)
+            : kk == 4 ? int32_t(rng() % 2 == 0 ? 0 : -2)
+                      : int32_t(k_max);
+
+    const int fill = int((r + seed) % 10);
+    const int64_t s0 = std::max<int64_t>(s, 0);
+    for (int64_t i = 0; i < stride; ++i) {
+      float v = 0.f;
+      switch (fill) {
+        case 0: v = grid_value(rng); break;                          // distinct-ish
+        case 1: v = grid_value(rng, 2); break;                       // heavy ties
+        case 2: v = 1.5f; break;                                     // all equal
+        case 3: v = float((i % 509) - 254) / 64.f; break;            // ascending runs
+        case 4: v = float(254 - (i % 509)) / 64.f; break;            // descending runs
+        case 5: v = nan; break;                                      // all NaN
+        case 6:  // rising with noise and rare spikes: a stream of queue candidates
+          v = float(i) / 64.f + grid_value(rng, 64) +
+              (rng() % 64 == 0 ? 4096.f + float(rng() % 4096) : 0.f);
+          break;
+        case 7:  // the best scores all in the part of each 1024-score tile that warp 0
+                 // streams (white box: one warp's queue and threshold decide the row)
+          v = (i - s0) % 1024 >= 0 && (i - s0) % 1024 < 128 ? 100.f + float(rng() % 60000) / 64.f
+                                                             : grid_value(rng);
+          break;
+        default: {  // specials
+          const int c = int(rng() % 12);
+          v = c == 0 ? nan : c == 1 ? inf : c == 2 ? -inf : c == 3 ? 0.f : c == 4 ? -0.f
+                                                                              : grid_value(rng, 8);
+        }
+      }
+      scores.set(size_t(r * stride + i), v);
+    }
+  }
+  TopkParams p{};
+  p.scores = scores.data();
+  p.score_row_stride = stride;
+  p.starts = starts.data();
+  p.ends = ends.data();
+  p.ks = ks.data();
+  p.rows = rows;
+  p.length = length;
+  p.k_max = k_max;
+  p.dtype = dtype;
+  run_topk_compare(p, label, starts, ends, ks);
+}
+
+// Directed rows for the warp queue (white box: 256-thread blocks streaming tiles
+// of 1024 scores, warp 0 taking positions [0, 128) of each tile as 4 runs of 32,
+// 8 pending slots per lane, a flush once a lane holds more than 4). Row 0: after
+// the first flush (tiles 0 and 1 fill warp 0 with 1000 - j), a score between the
+// queue's (k-1)-th and k-th best arrives: it must be taken (the threshold is the
+// k-th best, not better). Row 1: a lane holds 1 then 5 pending candidates, the
+// first being the row's best; it must survive the next tile's 4 candidates.
+void test_topk_small_k_directed(int64_t k) {
+  const int64_t length = 6000, rows = 2;
+  Buffer scores{DType::kFloat32, {}};
+  scores.resize(size_t(rows * length));
+  std::mt19937 rng{uint32_t(k)};
+  for (int64_t i = 0; i < rows * length; ++i) scores.set(size_t(i), -100.f + grid_value(rng));
+  for (int64_t t = 0; t < 2; ++t) {
+    for (int64_t j = 0; j < 128; ++j) {
+      const int64_t pos = t * 1024 + j, rank = t * 128 + j;
+      scores.set(size_t(pos), 1000.f - float(rank));
+      scores.set(size_t(length + pos), 500.f + 0.25f * float(rank));
+    }
+  }
+  scores.set(2048, 1000.f - float(k - 1) + 0.5f);
+  scores.set(size_t(length + 2048), 5000.f);
+  for (int64_t t = 3; t < 5; ++t) {
+    for (int64_t u = 0; u < 4; ++u) {
+      scores.set(size_t(length + t * 1024 + u * 32), 600.f + float(t * 4 + u));
+    }
+  }
+  std::vector<int32_t> starts(rows, 0), ends(rows, int32_t(length)), ks(rows, int32_t(k));
+  TopkParams p{};
+  p.scores = scores.data();
+  p.score_row_stride = length;
+  p.starts = starts.data();
+  p.ends = ends.data();
+  p.ks = ks.data();
+  p.rows = rows;
+  p.length = length;
+  p.k_max = k;
+  p.dtype = DType::kFloat32;
+  emu::device_props().major = 8;  // no clusters: one block per row
+  run_topk_compare(p, "small-k-directed", starts, ends, ks);
+  emu::device_props().major = 9;
+}
+
+void test_topk_small_k() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  const int64_t kmaxes[] = {1, 7, 32, 100, 256};
+  uint32_t seed = 500;
+  for (int64_t k : kmaxes) test_topk_small_k_directed(k);
+  // Short rows (one block per row): every k against lengths around the queue sizes.
+  for (DType d : dtypes) {
+    for (int64_t k : kmaxes) {
+      for (int64_t length : {int64_t(1), int64_t(5), int64_t(33), int64_t(300), int64_t(1100)}) {
+        if (g_quick && d != DType::kFloat32 && length == 1100 && k != 256) continue;
+        test_topk_small_k_case(d, 9, length, k, seed++, "small-k");
+      }
+    }
+  }
+  // k_max 64: the 64-entry queue.
+  test_topk_small_k_case(DType::kBFloat16, 9, 3000, 64, seed++, "small-k-64");
+  // Long rows: clusters of 2, 3, 5 and 8 blocks.
+  test_topk_small_k_case(DType::kFloat32, 4, 4097, 100, seed++, "small-k-cluster2");
+  test_topk_small_k_case(DType::kFloat16, 3, 9000, 7, seed++, "small-k-cluster3");
+  test_topk_small_k_case(DType::kBFloat16, 3, 20000, 256, seed++, "small-k-cluster5");
+  for (DType d : dtypes) {
+    for (int64_t k : kmaxes) {
+      if (g_quick && !(k == 7 && d == DType::kFloat32) && !(k == 256 && d == DType::kBFloat16)) {
+        continue;
+      }
+      test_topk_small_k_case(d, 2, 131072, k, seed++, "small-k-cluster8");
+    }
+  }
+  // One block per row (pre-sm_90: no clusters), long rows.
+  emu::device_props().major = 8;
+  test_topk_small_k_case(DType::kFloat32, 2, 30000, 32, seed++, "small-k-no-cluster");
+  if (!g_quick) test_topk_small_k_case(DType::kFloat16, 2, 131072, 100, seed++, "small-k-no-cluster");
+  emu::device_props().major = 9;
+  // Many rows: one block per row, rows interleaved over the grid.
+  if (!g_quick) test_topk_small_k_case(DType::kFloat32, 400, 300, 16, seed++, "small-k-many-rows");
+}
+
 void test_topk() {
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   for (DType d : dtypes) {
@@ -196,6 +386,7 @@ void test_topk() {
   emu::device_props().max_smem_optin = saved;
   // Many rows: one block per row.
   if (!g_quick) test_topk_case(DType::kFloat32, 300, 700, 40, 255, true, 9, "many-rows");
+  test_topk_small_k();
 }
 
 // ---------------------------------------------------------------------------
@@ -516,6 +707,119 @@ void test_attention_and_pilot() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// select_scores (oracle selection scores)
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// lens[b] < 0 or > length are clamped by the kernels; specials puts a NaN and an
+// infinity into K (inside the valid range when the lengths allow).
+void test_select_scores_case(DType dtype, int64_t dim, int64_t group, bool share, int64_t batch,
+                             int64_t kv_heads, int64_t length, const std::vector<int64_t>& lens,
+                             bool lengths_int64, int64_t row_pad, int64_t base_offset,
+                             int64_t num_splits, bool specials, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t q_heads = kv_heads * group;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  if (specials) {
+    const QKVParams& q = t.params;
+    const int64_t base = base_offset;  // element offset of p.k inside the buffer
+    if (length > 3) t.k.set(size_t(base + 3 * q.k_row_stride + 1), std::nanf(""));
+    if (batch > 1 && length > 5) {
+      t.k.set(size_t(base + q.k_batch_stride + 5 * q.k_row_stride), INFINITY);
+    }
+  }
+  std::vector<int64_t> len64(lens.begin(), lens.end());
+  std::vector<int32_t> len32(lens.begin(), lens.end());
+  SelectScoresParams p{};
+  p.qkv = t.params;
+  p.qkv.v = nullptr;
+  p.lengths = lengths_int64 ? static_cast<const void*>(len64.data())
+                            : static_cast<const void*>(len32.data());
+  p.lengths_int64 = lengths_int64;
+  p.share_gqa = share;
+  const int64_t out_heads = share ? kv_heads : q_heads;
+  const size_t total = size_t(batch * out_heads * length);
+  std::vector<float> ref(total, 777.f), got(total, 555.f);
+  p.scores = ref.data();
+  select_scores_cpu(p, 0, batch * kv_heads);
+  p.num_splits = num_splits;
+  std::vector<unsigned char> ws(select_scores_cuda_workspace_bytes(p), 0xff);  // NaN garbage
+  p.scores = got.data();
+  check_cuda(select_scores_cuda(p, ws.empty() ? nullptr : ws.data(), nullptr),
+             "select_scores_cuda");
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < total; ++i) {
+    const bool same = (std::isnan(ref[i]) && std::isnan(got[i])) ||
+                      close(got[i], ref[i], 1e-5f, 1e-5f);
+    if (!same) {
+      ++bad;
+      if (first < 0) first = int64_t(i);
+    }
+  }
+  EXPECT(bad == 0, "select_scores %s D=%lld group=%lld share=%d B=%lld Hkv=%lld N=%lld i64=%d "
+         "pad=%lld offset=%lld splits=%lld specials=%d: %lld mismatches (first at %lld: "
+         "cpu %g cuda %g)", dtype_name(dtype), (long long)dim, (long long)group, int(share),
+         (long long)batch, (long long)kv_heads, (long long)length, int(lengths_int64),
+         (long long)row_pad, (long long)base_offset, (long long)num_splits, int(specials),
+         (long long)bad, (long long)first, first >= 0 ? ref[first] : 0.f,
+         first >= 0 ? got[first] : 0.f);
+}
+
+void test_select_scores() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  uint32_t seed = 5000;
+  const int64_t length = 150;
+  const std::vector<int64_t> ragged = {150, 0, 1, 77};
+  for (DType d : dtypes) {
+    for (int64_t dim : {64, 128, 256}) {
+      for (int64_t group : {1, 4, 7}) {
+        for (bool share : {false, true}) {
+          if (g_quick && dim == 256 && group != 4) continue;
+          // Automatic splits (one tile each here) and a single split of several tiles.
+          test_select_scores_case(d, dim, group, share, 4, 2, length, ragged, (seed & 1) != 0, 0,
+                                  0, (seed & 2) ? 0 : 1, false, seed);
+          ++seed;
+        }
+      }
+    }
+  }
+  for (bool share : {false, true}) {
+    // Many tiles per split (online max / sum across tiles), uneven splits, automatic.
+    for (int64_t splits : {int64_t(1), int64_t(3), int64_t(0)}) {
+      test_select_scores_case(DType::kBFloat16, 128, 4, share, 2, 2, 1000, {1000, 613}, true, 0,
+                              0, splits, false, seed++);
+    }
+    test_select_scores_case(DType::kFloat32, 64, 2, share, 1, 3, 2100, {2100}, false, 0, 0, 2,
+                            false, seed++);
+    // Groups wider than a block (two head chunks), and 3 (a partly idle chunk).
+    test_select_scores_case(DType::kFloat16, 128, 12, share, 2, 1, 300, {300, 129}, true, 0, 0, 2,
+                            false, seed++);
+    test_select_scores_case(DType::kBFloat16, 64, 3, share, 2, 2, 90, {90, 64}, false, 0, 0, 0,
+                            false, seed++);
+    // Unaligned K rows (odd row stride, odd base offset): element-wise copies.
+    test_select_scores_case(DType::kBFloat16, 128, 4, share, 2, 2, 200, {200, 33}, true, 1, 3, 1,
+                            false, seed++);
+    test_select_scores_case(DType::kFloat32, 256, 1, share, 2, 2, 70, {70, 69}, false, 1, 1, 0,
+                            false, seed++);
+    // Lengths out of range (clamped), all rows empty, and a length-0 context.
+    test_select_scores_case(DType::kFloat16, 64, 4, share, 3, 1, 50, {-3, 51, 0}, true, 0, 0, 0,
+                            false, seed++);
+    test_select_scores_case(DType::kFloat32, 128, 4, share, 2, 2, 40, {0, 0}, false, 0, 0, 1,
+                            false, seed++);
+    test_select_scores_case(DType::kFloat32, 128, 4, share, 2, 2, 0, {0, 0}, true, 0, 0, 0,
+                            false, seed++);
+    // NaN and infinite logits (lse not finite -> 0, NaN through the max).
+    for (DType d : dtypes) {
+      test_select_scores_case(d, 64, 4, share, 2, 2, 120, {120, 100}, true, 0, 0, 2, true,
+                              seed++);
+    }
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--quick") g_quick = true;
@@ -523,6 +827,7 @@ int main(int argc, char** argv) {
   test_topk();
   test_sample();
   test_attention_and_pilot();
+  test_select_scores();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

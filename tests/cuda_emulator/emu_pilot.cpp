@@ -1,2 +1,2 @@
 // The CUDA kernels of pilot_cuda.cu compiled as C++ for the CPU emulator.
-#include "../vattention/pilot_cuda.cu"
+#include "../../csrc/vattention/pilot_cuda.cu"

@@ -1,6 +1,6 @@
 // A small CPU emulator of the CUDA execution model, enough to run the kernels of
 // csrc/vattention/*_cuda.cu as plain C++ (compiled with -DVATT_EMULATE and
-// csrc/emu/include first on the include path) on a machine without a GPU.
+// tests/cuda_emulator/include first on the include path) on a machine without a GPU.
 //
 // Every CUDA thread is a cooperative fiber (ucontext) with its own stack; the
 // fibers of one cluster of blocks run round-robin on one OS thread and switch

@@ -1,2 +1,2 @@
 // The CUDA kernels of sample_cuda.cu compiled as C++ for the CPU emulator.
-#include "../vattention/sample_cuda.cu"
+#include "../../csrc/vattention/sample_cuda.cu"

@@ -1,2 +1,2 @@
 // The CUDA kernels of combine_cuda.cu compiled as C++ for the CPU emulator.
-#include "../vattention/combine_cuda.cu"
+#include "../../csrc/vattention/combine_cuda.cu"

@@ -1,0 +1,94 @@
+// CPU oracle selection scores (select.h, SelectScoresParams): one (batch, KV
+// head) pair at a time, each K row converted once and dotted with every query
+// head of the group.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kv_rows_cpu.h"
+#include "select.h"
+
+namespace vattention {
+namespace {
+
+// logsumexp of a row of logits as select.h uses it: 0 where it is not finite
+// (no entries, all -inf, a +inf, or a NaN among them).
+float usable_lse(const float* x, int64_t n) {
+  float m = kNegInf;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) {
+      nan = true;
+    } else {
+      m = std::max(m, x[i]);
+    }
+  }
+  if (nan || !std::isfinite(m)) return 0.f;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(x[i]) - double(m));
+  const float lse = float(double(m) + std::log(sum));
+  return std::isfinite(lse) ? lse : 0.f;
+}
+
+template <typename T>
+void select_scores_lists(const SelectScoresParams& p, int64_t list_begin, int64_t list_end) {
+  const QKVParams& qkv = p.qkv;
+  const KVRowsCpu<T> rows{qkv};
+  const int64_t group = qkv.group_size(), dim = qkv.head_dim, n = qkv.length;
+  std::vector<float> q(static_cast<size_t>(group * dim)), query;
+  std::vector<float> key(static_cast<size_t>(dim));
+  std::vector<float> logits;  // [group, len] (share_gqa only)
+  std::vector<float> lse(static_cast<size_t>(group));
+  for (int64_t list = list_begin; list < list_end; ++list) {
+    const int64_t b = list / qkv.kv_heads, kv = list - b * qkv.kv_heads;
+    const int64_t len = p.length_of(b);
+    for (int64_t g = 0; g < group; ++g) {
+      rows.load_query(b, kv * group + g, &query);
+      std::copy(query.begin(), query.end(), q.begin() + g * dim);
+    }
+    // Logits of head g at position i go to dst(g) + i.
+    float* direct = p.scores + (b * qkv.q_heads + kv * group) * n;  // share_gqa = false
+    if (p.share_gqa) logits.assign(size_t(group * len), 0.f);
+    auto dst = [&](int64_t g) { return p.share_gqa ? logits.data() + g * len : direct + g * n; };
+    for (int64_t i = 0; i < len; ++i) {
+      const T* k = rows.key(b, kv, i);
+      for (int64_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q.data() + g * dim;
+        float dot = 0.f;
+        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * key[d];
+        dst(g)[i] = dot * qkv.scale;
+      }
+    }
+    if (!p.share_gqa) {
+      for (int64_t g = 0; g < group; ++g) {
+        std::fill(direct + g * n + len, direct + (g + 1) * n, kNegInf);
+      }
+      continue;
+    }
+    for (int64_t g = 0; g < group; ++g) lse[g] = usable_lse(logits.data() + g * len, len);
+    float* out = p.scores + (b * qkv.kv_heads + kv) * n;
+    for (int64_t i = 0; i < len; ++i) {
+      float best = kNegInf;
+      bool nan = false;
+      for (int64_t g = 0; g < group; ++g) {
+        const float x = logits[g * len + i] - lse[g];
+        nan = nan || std::isnan(x);
+        best = std::max(best, x);
+      }
+      out[i] = nan ? std::numeric_limits<float>::quiet_NaN() : best;
+    }
+    std::fill(out + len, out + n, kNegInf);
+  }
+}
+
+}  // namespace
+
+void select_scores_cpu(const SelectScoresParams& p, int64_t list_begin, int64_t list_end) {
+  dispatch_dtype(p.qkv.dtype, [&](auto tag) {
+    select_scores_lists<decltype(tag)>(p, list_begin, list_end);
+  });
+}
+
+}  // namespace vattention
