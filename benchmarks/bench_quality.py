@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from statistics import median
 from typing import Dict, List, Sequence
 
 import torch

@@ -186,7 +186,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
             wanted = 0
             for h in heads:
                 per_head = n_r if len(pilot) >= n_r else max(required[h], cfg.min_samples)
-                wanted = max(wanted, min(math.ceil(per_head), n_r))
+                wanted = max(wanted, math.ceil(min(per_head, n_r)))
             if budget_override is not None:
                 wanted = int(budget_override[b][lst])
 
