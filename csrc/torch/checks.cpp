@@ -25,6 +25,46 @@ void check_int32_vector(const at::Tensor& t, const char* name, int64_t rows, con
   TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
 }
 
+namespace {
+
+// The q/K part of QKVParams: q [B, Hq, D], k [B, Hkv, N, D], Hq % Hkv == 0, one dtype and
+// device, contiguous head_dim. Shared by the ops that read V too and select_scores.
+QKVParams qk_params(const at::Tensor& q, const at::Tensor& k, double scale) {
+  TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
+              k.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "vattention: q and k must share a dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "vattention: q and k must be on one device, got ",
+              q.device(), " and ", k.device());
+  TORCH_CHECK(k.size(0) == q.size(0), "vattention: k has batch ", k.size(0), " but q has ",
+              q.size(0));
+  TORCH_CHECK(k.size(3) == q.size(2), "vattention: k has head_dim ", k.size(3), " but q has ",
+              q.size(2));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "vattention: q_heads (", q.size(1),
+              ") must be a multiple of kv_heads (", k.size(1), ")");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1,
+              "vattention: the head_dim of q and k must be contiguous");
+  QKVParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_batch_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.k_row_stride = k.stride(2);
+  p.batch = q.size(0);
+  p.q_heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.length = k.size(2);
+  p.head_dim = q.size(2);
+  p.dtype = element_type(q, "q");
+  p.scale = float(scale);
+  return p;
+}
+
+}  // namespace
+
 QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
@@ -37,33 +77,13 @@ QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "vattention: q, k and v must be on one device, got ", q.device(), ", ", k.device(),
               ", ", v.device());
-  TORCH_CHECK(k.size(0) == q.size(0), "vattention: k has batch ", k.size(0), " but q has ",
-              q.size(0));
-  TORCH_CHECK(k.size(3) == q.size(2), "vattention: k has head_dim ", k.size(3), " but q has ",
-              q.size(2));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "vattention: q_heads (", q.size(1),
-              ") must be a multiple of kv_heads (", k.size(1), ")");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "vattention: the head_dim of q, k and v must be contiguous");
-  QKVParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
+  QKVParams p = qk_params(q, k, scale);
   p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k_batch_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.k_row_stride = k.stride(2);
   p.v_batch_stride = v.stride(0);
   p.v_head_stride = v.stride(1);
   p.v_row_stride = v.stride(2);
-  p.batch = q.size(0);
-  p.q_heads = q.size(1);
-  p.kv_heads = k.size(1);
-  p.length = k.size(2);
-  p.head_dim = q.size(2);
-  p.dtype = element_type(q, "q");
-  p.scale = float(scale);
   return p;
 }
 
@@ -217,22 +237,10 @@ CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& pa
 
 SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& lengths, double scale, bool share_gqa) {
-  TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
-              k.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "vattention: q and k must share a dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
-  TORCH_CHECK(k.device() == q.device(), "vattention: q and k must be on one device, got ",
-              q.device(), " and ", k.device());
-  TORCH_CHECK(k.size(0) == q.size(0), "vattention: k has batch ", k.size(0), " but q has ",
-              q.size(0));
-  TORCH_CHECK(k.size(3) == q.size(2), "vattention: k has head_dim ", k.size(3), " but q has ",
-              q.size(2));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "vattention: q_heads (", q.size(1), ") must be a positive multiple of kv_heads (",
+  SelectScoresParams p{};
+  p.qkv = qk_params(q, k, scale);
+  TORCH_CHECK(q.size(1) > 0, "vattention: q_heads (0) must be a positive multiple of kv_heads (",
               k.size(1), ")");
-  TORCH_CHECK((q.size(2) <= 1 || q.stride(2) == 1) && (k.size(3) <= 1 || k.stride(3) == 1),
-              "vattention: the head_dim of q and k must be contiguous");
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
               "vattention: lengths must be int64 or int32, got ", lengths.scalar_type());
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0),
@@ -240,22 +248,6 @@ SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(lengths.device() == q.device(), "vattention: lengths must be on ", q.device(),
               ", got ", lengths.device());
   TORCH_CHECK(lengths.is_contiguous(), "vattention: lengths must be contiguous");
-  SelectScoresParams p{};
-  p.qkv.q = q.data_ptr();
-  p.qkv.k = k.data_ptr();
-  p.qkv.v = nullptr;
-  p.qkv.q_batch_stride = q.stride(0);
-  p.qkv.q_head_stride = q.stride(1);
-  p.qkv.k_batch_stride = k.stride(0);
-  p.qkv.k_head_stride = k.stride(1);
-  p.qkv.k_row_stride = k.stride(2);
-  p.qkv.batch = q.size(0);
-  p.qkv.q_heads = q.size(1);
-  p.qkv.kv_heads = k.size(1);
-  p.qkv.length = k.size(2);
-  p.qkv.head_dim = q.size(2);
-  p.qkv.dtype = element_type(q, "q");
-  p.qkv.scale = float(scale);
   p.lengths = lengths.data_ptr();
   p.lengths_int64 = lengths.scalar_type() == at::kLong;
   p.share_gqa = share_gqa;

@@ -24,6 +24,22 @@ struct TopkParams {
   DType dtype;
 };
 
+// Row r's window, clipped to [0, length), and how many positions it selects.
+struct TopkRow {
+  int64_t start, end, available, k;
+};
+
+VATT_HD TopkRow topk_row(const TopkParams& p, int64_t r) {
+  TopkRow row;
+  row.start = p.starts[r] > 0 ? p.starts[r] : 0;
+  row.end = p.ends[r] < p.length ? p.ends[r] : p.length;
+  row.available = row.end > row.start ? row.end - row.start : 0;
+  const int64_t wanted = p.ks[r] > 0 ? p.ks[r] : 0;
+  row.k = wanted < row.available ? wanted : row.available;
+  if (row.k > p.k_max) row.k = p.k_max;
+  return row;
+}
+
 // Processes rows [row_begin, row_end) so the caller can spread rows over threads.
 void topk_cpu(const TopkParams& p, int64_t row_begin, int64_t row_end);
 

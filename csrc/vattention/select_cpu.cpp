@@ -13,20 +13,18 @@ void topk_rows(const TopkParams& p, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
     int32_t* out = p.indices + r * p.k_max;
-    const int64_t start = std::max<int64_t>(p.starts[r], 0);
-    const int64_t end = std::min<int64_t>(p.ends[r], p.length);
-    const int64_t available = std::max<int64_t>(end - start, 0);
-    const int64_t k = std::min<int64_t>({std::max<int32_t>(p.ks[r], 0), available, p.k_max});
+    const TopkRow window = topk_row(p, r);
+    const int64_t k = window.k;
 
     candidates.clear();
-    for (int64_t i = start; i < end; ++i) {
+    for (int64_t i = window.start; i < window.end; ++i) {
       candidates.emplace_back(orderable_key(to_float(row[i])), int32_t(i));
     }
     // Higher key first; on equal keys the lower position wins.
     auto better = [](const std::pair<uint32_t, int32_t>& a, const std::pair<uint32_t, int32_t>& b) {
       return a.first != b.first ? a.first > b.first : a.second < b.second;
     };
-    if (k < available) {
+    if (k < window.available) {
       std::nth_element(candidates.begin(), candidates.begin() + k, candidates.end(), better);
     }
     std::vector<int32_t> chosen;

@@ -160,6 +160,19 @@ __device__ __forceinline__ uint32_t pick_digit(TopkShared& sh, const Cluster& cl
   return sh.digit;
 }
 
+// The parts of a row's output that need no selection: the -1 padding after its k
+// entries and, when k covers the whole window, the window itself in order. The
+// cluster's threads write every `stride`-th entry from `first`. True when the row
+// is complete.
+__device__ __forceinline__ bool write_unselected(const TopkRow& row, int32_t* out, int64_t k_max,
+                                                 int64_t first, int64_t stride) {
+  for (int64_t j = row.k + first; j < k_max; j += stride) out[j] = -1;
+  if (row.k == 0) return true;
+  if (row.k < row.available) return false;
+  for (int64_t j = first; j < row.k; j += stride) out[j] = int32_t(row.start + j);
+  return true;
+}
+
 template <typename T, bool kCached>
 __global__ void __launch_bounds__(kTopkThreads)
 topk_kernel(const TopkParams p, const int cluster_size) {
@@ -174,18 +187,11 @@ topk_kernel(const TopkParams p, const int cluster_size) {
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
     int32_t* out = p.indices + r * p.k_max;
-    const int64_t start = max(int64_t(p.starts[r]), int64_t(0));
-    const int64_t end = min(int64_t(p.ends[r]), p.length);
-    const int64_t avail = max(end - start, int64_t(0));
-    const int64_t k = min(min(int64_t(max(p.ks[r], 0)), avail), p.k_max);
+    const TopkRow window = topk_row(p, r);
+    const int64_t start = window.start, end = window.end, avail = window.available;
+    const int64_t k = window.k;
     const int64_t first = int64_t(cl.rank) * kTopkThreads + tid;
-
-    for (int64_t j = k + first; j < p.k_max; j += cluster_threads) out[j] = -1;
-    if (k == 0) continue;
-    if (k == avail) {  // the whole window, in order
-      for (int64_t j = first; j < k; j += cluster_threads) out[j] = int32_t(start + j);
-      continue;
-    }
+    if (write_unselected(window, out, p.k_max, first, cluster_threads)) continue;
 
     const int64_t chunk = ceil_div(avail, cl.size);
     const int64_t lo = start + int64_t(cl.rank) * chunk;
@@ -388,18 +394,11 @@ warp_topk_kernel(const TopkParams p, const int cluster_size) {
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     int32_t* out = p.indices + r * p.k_max;
-    const int64_t start = max(int64_t(p.starts[r]), int64_t(0));
-    const int64_t end = min(int64_t(p.ends[r]), p.length);
-    const int64_t avail = max(end - start, int64_t(0));
-    const int64_t k = min(min(int64_t(max(p.ks[r], 0)), avail), p.k_max);  // <= 32 * R
+    const TopkRow window = topk_row(p, r);
+    const int64_t start = window.start, end = window.end, avail = window.available;
+    const int64_t k = window.k;  // <= 32 * R
     const int64_t first = int64_t(cl.rank) * kWarpTopkThreads + tid;
-
-    for (int64_t j = k + first; j < p.k_max; j += cluster_threads) out[j] = -1;
-    if (k == 0) continue;
-    if (k == avail) {  // the whole window, in order
-      for (int64_t j = first; j < k; j += cluster_threads) out[j] = int32_t(start + j);
-      continue;
-    }
+    if (write_unselected(window, out, p.k_max, first, cluster_threads)) continue;
 
     const int64_t chunk = ceil_div(avail, cl.size);
     const int64_t lo = start + int64_t(cl.rank) * chunk;

@@ -31,7 +31,7 @@ def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
     dim = q.shape[-1]
     return (q.dtype in _DTYPES and k.dtype == q.dtype and k.device == q.device
             and lengths.device == q.device and lengths.dtype in (torch.int32, torch.int64)
-            and q.shape[1] > 0 and (dim <= 1 or (q.stride(-1) == 1 and k.stride(-1) == 1))
+            and q.shape[1] > 0 and q.stride(-1) == 1 and k.stride(-1) == 1
             and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _CUDA_HEAD_DIMS)))
 
 
