@@ -248,12 +248,12 @@ step_cmake_build() {
     local srcs=("$ROOT"/csrc/vattention/*_cuda.cu "$ROOT"/csrc/vattention/*_cpu.cpp)
     printf '%s\n' "${srcs[@]}" | xargs -P "$MAX_JOBS" -I{} sh -c \
       "\"$NVCC\" $flags -x cu -c {} -o \"$BUILD_DIR/obj/\$(basename {}).o\"" || return 1
-    for b in bench_topk bench_sparse_attention; do
+    for b in bench_select_topk bench_sparse_attention; do
       "$NVCC" $flags -c "$ROOT/benchmarks/cpp/$b.cu" -o "$BUILD_DIR/obj/$b.o" || return 1
       "$NVCC" $gencode "$BUILD_DIR/obj/$b.o" "$BUILD_DIR"/obj/*_c*.o -o "$BUILD_DIR/$b" || return 1
     done
   fi
-  ls -la "$BUILD_DIR/bench_topk" "$BUILD_DIR/bench_sparse_attention"
+  ls -la "$BUILD_DIR/bench_select_topk" "$BUILD_DIR/bench_sparse_attention"
 }
 
 step_op_timings() {
@@ -294,12 +294,12 @@ starts = torch.zeros(rows, dtype=torch.int32, device="cuda")
 ends = torch.full((rows,), n, dtype=torch.int32, device="cuda")
 for k in (6553, 64):
     ks = torch.full((rows,), k, dtype=torch.int32, device="cuda")
-    ours = median_ms(lambda: ops.topk(scores, starts, ends, ks, k))
-    ours_graph = graph_ms(lambda: ops.topk(scores, starts, ends, ks, k))
+    ours = median_ms(lambda: ops.select_topk(scores, starts, ends, ks, k))
+    ours_graph = graph_ms(lambda: ops.select_topk(scores, starts, ends, ks, k))
     ref = median_ms(lambda: torch.topk(scores, k, dim=-1, sorted=False))
     res[f"topk_k{k}"] = {"vattention_ms": ours, "vattention_graph_ms": ours_graph,
                          "torch_topk_ms": ref, "speedup": ref / ours}
-    print(f"topk 32x131072 fp32 k={k}: vattention {ours:.4f} ms (graph {ours_graph:.4f}), "
+    print(f"select_topk 32x131072 fp32 k={k}: vattention {ours:.4f} ms (graph {ours_graph:.4f}), "
           f"torch.topk {ref:.4f} ms, speedup {ref / ours:.2f}x")
 
 B, hq, hkv, d, count = 1, 32, 8, 128, 13107
@@ -395,9 +395,9 @@ run_step test_cuda_ops 170 "$PY" -m pytest tests/test_cuda_ops.py -q -rs -p no:c
   --junitxml="$OUT/junit_cuda_ops.xml" --durations=10
 
 wait "$CMAKE_PID"
-if [ -x "$BUILD_DIR/bench_topk" ]; then
-  run_step bench_topk_f32 60 "$BUILD_DIR/bench_topk" --json "$OUT/bench_topk_f32.json"
-  run_step bench_topk_bf16 60 "$BUILD_DIR/bench_topk" --dtype bf16 --json "$OUT/bench_topk_bf16.json"
+if [ -x "$BUILD_DIR/bench_select_topk" ]; then
+  run_step bench_select_topk_f32 60 "$BUILD_DIR/bench_select_topk" --json "$OUT/bench_select_topk_f32.json"
+  run_step bench_select_topk_bf16 60 "$BUILD_DIR/bench_select_topk" --dtype bf16 --json "$OUT/bench_select_topk_bf16.json"
   run_step bench_sparse_attention 90 "$BUILD_DIR/bench_sparse_attention" \
     --json "$OUT/bench_sparse_attention.json"
 else
@@ -422,8 +422,8 @@ if (( BUILD_OK == 0 )); then
   run_step sanitize_memcheck_py 120 bash -c 'step_sanitize memcheck "$PY" scripts/sanitizer_case.py'
   run_step sanitize_racecheck_py 120 bash -c 'step_sanitize racecheck "$PY" scripts/sanitizer_case.py'
 fi
-if [ -x "$BUILD_DIR/bench_topk" ]; then
-  for b in bench_topk bench_sparse_attention; do
+if [ -x "$BUILD_DIR/bench_select_topk" ]; then
+  for b in bench_select_topk bench_sparse_attention; do
     run_step "sanitize_memcheck_$b" 60 bash -c "step_sanitize memcheck \"$BUILD_DIR/$b\" --tiny"
     run_step "sanitize_racecheck_$b" 60 bash -c "step_sanitize racecheck \"$BUILD_DIR/$b\" --tiny"
   done
@@ -440,9 +440,9 @@ if [ -n "$REST_PID" ]; then wait "$REST_PID"; fi
   for f in "$OUT"/test_cuda_ops.log "$OUT"/pytest_rest.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log): $(grep -E '(passed|failed|error|skipped)' "$f" | tail -1)"
   done
-  for f in "$OUT"/bench_topk_f32.log "$OUT"/bench_topk_bf16.log "$OUT"/bench_sparse_attention.log \
+  for f in "$OUT"/bench_select_topk_f32.log "$OUT"/bench_select_topk_bf16.log "$OUT"/bench_sparse_attention.log \
            "$OUT"/op_timings.log; do
-    [ -f "$f" ] && grep -E '^(topk|sparse_attention|device-to-device|  partials|  check)' "$f"
+    [ -f "$f" ] && grep -E '^(select_topk|sparse_attention|device-to-device|  partials|  check)' "$f"
   done
 } >> "$SUMMARY" 2>/dev/null
 rm -rf "$WORK"

@@ -48,26 +48,26 @@ def cuda(*ts):
 def main():
     g = torch.Generator().manual_seed(0)
 
-    # topk: 2 long rows (cluster path), then 40 short rows with windows and ties.
+    # select_topk: 2 long rows (cluster path), then 40 short rows with windows and ties.
     scores = torch.randn(2, 20000, generator=g)
     starts = torch.tensor([0, 100], dtype=I32)
     ends = torch.tensor([20000, 19000], dtype=I32)
     ks = torch.tensor([1000, 17], dtype=I32)
-    ref = ops.topk(scores, starts, ends, ks, 1000)
-    check("topk cluster", torch.equal(ops.topk(*cuda(scores, starts, ends, ks), 1000).cpu(), ref))
+    ref = ops.select_topk(scores, starts, ends, ks, 1000)
+    check("select_topk cluster", torch.equal(ops.select_topk(*cuda(scores, starts, ends, ks), 1000).cpu(), ref))
     short = torch.randint(-2, 3, (40, 300), generator=g).to(torch.bfloat16)
     starts = torch.randint(0, 100, (40,), generator=g, dtype=I32)
     ends = starts + torch.randint(0, 250, (40,), generator=g, dtype=I32)
     ks = torch.randint(0, 40, (40,), generator=g, dtype=I32)
-    ref = ops.topk(short, starts, ends, ks, 32)
-    check("topk rows", torch.equal(ops.topk(*cuda(short, starts, ends, ks), 32).cpu(), ref))
+    ref = ops.select_topk(short, starts, ends, ks, 32)
+    check("select_topk rows", torch.equal(ops.select_topk(*cuda(short, starts, ends, ks), 32).cpu(), ref))
 
-    # sample_residual: heavy from topk, drawn and enumerated rows.
+    # sample_residual: heavy from select_topk, drawn and enumerated rows.
     rows, length = 8, 400
     scores = torch.randn(rows, length, generator=g)
     starts = torch.zeros(rows, dtype=I32)
     ends = torch.full((rows,), length, dtype=I32)
-    heavy = ops.topk(scores, starts, ends, torch.full((rows,), 20, dtype=I32), 20)
+    heavy = ops.select_topk(scores, starts, ends, torch.full((rows,), 20, dtype=I32), 20)
     num_samples = torch.tensor([0, 5, 50, 379, 380, 1000, -1, 64], dtype=I32)
     rng = torch.tensor([123, 4], dtype=torch.int64)
     for max_out in (64, 400):

@@ -18,11 +18,11 @@ import torch
 Tensor = torch.Tensor
 
 # --------------------------------------------------------------------------------------
-# topk (select.h)
+# select_topk (select_topk.h)
 # --------------------------------------------------------------------------------------
 
 
-def topk_ref(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: int) -> Tensor:
+def select_topk_ref(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: int) -> Tensor:
     """Row r: the min(k, end - start) highest scores among [start, end) (end clipped to the
     row length); ties -> lower position; NaN ranks below every number; chosen positions
     ascending, the rest of the row -1."""
@@ -33,7 +33,7 @@ def topk_ref(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: in
         start = int(starts[r])
         end = min(int(ends[r]), length)
         width = end - start
-        # select.h does not say what k > k_max means; the output row only has k_max slots.
+        # select_topk.h does not say what k > k_max means; the output row only has k_max slots.
         take = min(int(ks[r]), width, k_max)
         if take <= 0:
             continue

@@ -40,7 +40,7 @@ def _estimate64(q, k, v, sel, seq_lens=None, scale=None):
 
 
 @pytest.mark.parametrize("share_gqa", [True, False])
-def test_topk_matches_reference_without_sample(share_gqa):
+def test_select_topk_matches_reference_without_sample(share_gqa):
     q, k, v = _inputs()
     seq_lens = torch.tensor([300, 211])
     sink, local, count = 7, 13, 60
@@ -154,7 +154,7 @@ def test_matched_counts_give_vattention_density():
         baselines.matched_counts(stats)
 
 
-def test_topk_beats_uniform_on_peaked_heads():
+def test_select_topk_beats_uniform_on_peaked_heads():
     q, k, v = synthetic_heads("peaked", 4, 4000, 64, torch.Generator().manual_seed(0))
     exact = reference.dense(q, k, v)
     errors = {}

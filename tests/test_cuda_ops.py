@@ -108,22 +108,22 @@ def random_windows(rows, length, g):
 
 
 def topk_both(scores, starts, ends, ks, k_max):
-    ref = ops.topk(scores, starts, ends, ks, k_max)
+    ref = ops.select_topk(scores, starts, ends, ks, k_max)
     args = to_cuda(scores, starts, ends, ks)
     with no_sync():
-        got = ops.topk(*args, k_max)
+        got = ops.select_topk(*args, k_max)
     assert got.device.type == "cuda" and got.dtype == I32 and got.shape == ref.shape
     return got.cpu(), ref
 
 
 # --------------------------------------------------------------------------------------
-# topk
+# select_topk
 # --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length", [1, 7, 300, 5000, 40000])
-def test_topk_matches_cpu(dtype, length):
+def test_select_topk_matches_cpu(dtype, length):
     g = gen(length + DTYPES.index(dtype))
     rows = 12
     scores = torch.randn(rows, length, generator=g).to(dtype)
@@ -139,7 +139,7 @@ def test_topk_matches_cpu(dtype, length):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_ties_nan_infinities_and_zeros(dtype):
+def test_select_topk_ties_nan_infinities_and_zeros(dtype):
     g = gen(7)
     rows, length = 16, 3000
     scores = torch.randint(-3, 4, (rows, length), generator=g).to(dtype)  # many ties
@@ -159,7 +159,7 @@ def test_topk_ties_nan_infinities_and_zeros(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 64, 256, 6553, 13107])
-def test_topk_long_rows_large_and_small_k(dtype, k):
+def test_select_topk_long_rows_large_and_small_k(dtype, k):
     """Rows of 131072 with k up to 10%: the multi-block (cluster) path."""
     g = gen(k)
     rows, length = 32 if k == 6553 else 6, 131072
@@ -174,7 +174,7 @@ def test_topk_long_rows_large_and_small_k(dtype, k):
     assert torch.equal(got, ref)
 
 
-def test_topk_many_rows_strided_and_edge_shapes():
+def test_select_topk_many_rows_strided_and_edge_shapes():
     g = gen(3)
     big = torch.randn(700, 260, generator=g)
     scores = big[:, 5:205]                      # row stride 260, positions contiguous
@@ -184,10 +184,10 @@ def test_topk_many_rows_strided_and_edge_shapes():
     got, ref = topk_both(scores, starts, ends, ks, 33)
     assert torch.equal(got, ref)
     z = torch.zeros(3, dtype=I32, device=CUDA)
-    assert ops.topk(torch.randn(3, 10, device=CUDA), z, z + 10, z + 4, 0).shape == (3, 0)
-    empty = ops.topk(torch.randn(0, 10, device=CUDA), z[:0], z[:0], z[:0], 4)
+    assert ops.select_topk(torch.randn(3, 10, device=CUDA), z, z + 10, z + 4, 0).shape == (3, 0)
+    empty = ops.select_topk(torch.randn(0, 10, device=CUDA), z[:0], z[:0], z[:0], 4)
     assert empty.shape == (0, 4)
-    none = ops.topk(torch.randn(3, 0, device=CUDA), z, z, z + 2, 2)
+    none = ops.select_topk(torch.randn(3, 0, device=CUDA), z, z, z + 2, 2)
     assert (none == -1).all()
 
 
@@ -205,7 +205,7 @@ def sample_case(g, rows=48, span=300, heavy_max=24, start_max=50):
     ks = torch.randint(0, heavy_max + 1, (rows,), generator=g, dtype=I32)
     ks[1] = heavy_max
     ends[1] = starts[1] + min(10, heavy_max)                  # n_r = 0
-    heavy = ops.topk(scores, starts, ends, ks, heavy_max)
+    heavy = ops.select_topk(scores, starts, ends, ks, heavy_max)
     n_r = ends - starts - (heavy >= 0).sum(1).to(I32)
     regime = torch.randint(0, 6, (rows,), generator=g)
     b = torch.randint(1, 64, (rows,), generator=g, dtype=I32)
@@ -267,7 +267,7 @@ def test_sample_residual_long_rows():
     starts = torch.zeros(rows, dtype=I32)
     ends = torch.full((rows,), length, dtype=I32)
     starts[1], ends[1] = 128, length - 128
-    heavy = ops.topk(scores, starts, ends, torch.full((rows,), heavy_max, dtype=I32), heavy_max)
+    heavy = ops.select_topk(scores, starts, ends, torch.full((rows,), heavy_max, dtype=I32), heavy_max)
     num_samples = torch.randint(1, 9000, (rows,), generator=g, dtype=I32)
     num_samples[2] = 2 * length                              # more than n_r, above max_out
     for max_out in (8192, 200000):                           # clamped / enumerated
@@ -467,7 +467,7 @@ def test_combine_matches_cpu(splits, dim):
 def _pipeline(q, k, v, scores, starts, ends, ks, rng, heavy_max=24, sample_max=64):
     batch, q_heads, dim = q.shape
     kv_heads = k.shape[1]
-    heavy = ops.topk(scores, starts, ends, ks, heavy_max)
+    heavy = ops.select_topk(scores, starts, ends, ks, heavy_max)
     counts = (heavy >= 0).sum(-1).to(I32).view(batch, kv_heads)
     det = ops.sparse_attention(q, k, v, heavy.view(batch, kv_heads, heavy_max), None, counts,
                                0.125, 0)
@@ -533,12 +533,12 @@ def _opcheck_samples():
     scores = torch.randn(4, 300, generator=g)
     starts = torch.tensor([0, 3, 5, 30], dtype=I32)
     ends = torch.tensor([300, 200, 5, 400], dtype=I32)
-    samples.append((torch.ops.vattention.topk.default,
+    samples.append((torch.ops.vattention.select_topk.default,
                     to_cuda(scores, starts, ends, torch.tensor([4, 2, 1, 30], dtype=I32)) + (30,)))
-    samples.append((torch.ops.vattention.topk.default,
+    samples.append((torch.ops.vattention.select_topk.default,
                     to_cuda(scores.bfloat16(), torch.zeros(4, dtype=I32),
                             torch.full((4,), 300, dtype=I32), torch.full((4,), 3, dtype=I32)) + (3,)))
-    heavy = ops.topk(scores, torch.zeros(4, dtype=I32), torch.full((4,), 300, dtype=I32),
+    heavy = ops.select_topk(scores, torch.zeros(4, dtype=I32), torch.full((4,), 300, dtype=I32),
                      torch.full((4,), 5, dtype=I32), 5)
     for stream, ns in ((0, [3, 400, 0, 10]), (1, [25, 25, 2, 40])):
         samples.append((torch.ops.vattention.sample_residual.default,

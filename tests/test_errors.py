@@ -185,11 +185,11 @@ def test_decode_accepts_good_seeds():
 
 
 # --------------------------------------------------------------------------------------
-# topk
+# select_topk
 # --------------------------------------------------------------------------------------
 
 
-def _topk_args():
+def _select_topk_args():
     return dict(scores=torch.randn(3, 10), starts=torch.zeros(3, dtype=I32),
                 ends=torch.full((3,), 10, dtype=I32), ks=torch.full((3,), 2, dtype=I32),
                 k_max=4)
@@ -210,11 +210,11 @@ def _topk_args():
     (dict(ks=torch.zeros(2, dtype=I32)), r"ks must have shape \[3\]"),
     (dict(k_max=-1), r"k_max must be >= 0"),
 ])
-def test_topk_checks(change, match):
-    args = _topk_args()
+def test_select_topk_checks(change, match):
+    args = _select_topk_args()
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
-        ops.topk(**args)
+        ops.select_topk(**args)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def _sample_args():
     return dict(heavy=torch.tensor([[2, 5, -1], [0, 9, 10]], dtype=I32),
                 starts=torch.tensor([0, 0], dtype=I32), ends=torch.tensor([20, 11], dtype=I32),
                 num_samples=torch.tensor([4, 4], dtype=I32),
-                rng=torch.tensor([1, 0]), max_out=8, stream=1)
+                rng=torch.tensor([1, 0]), max_out=8, draw_set=1)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -245,8 +245,8 @@ def _sample_args():
     (dict(rng=torch.tensor([1, 2 ** 30])), r"rng offset must lie in \[0, 2\^30\)"),
     (dict(rng=torch.tensor([1, -1])), r"rng offset must lie in \[0, 2\^30\)"),
     (dict(max_out=-1), r"max_out must be >= 0"),
-    (dict(stream=2), r"stream must be 0 \(pilot\) or 1 \(sample\)"),
-    (dict(stream=-1), r"stream must be 0"),
+    (dict(draw_set=2), r"draw_set must be 0 \(pilot\) or 1 \(final sample\)"),
+    (dict(draw_set=-1), r"draw_set must be 0"),
     (dict(starts=torch.tensor([0, 12], dtype=I32)), r"starts <= ends.*row 1"),
     (dict(starts=torch.tensor([-1, 0], dtype=I32)), r"0 <= starts.*row 0"),
     (dict(heavy=torch.tensor([[5, 2, -1], [0, 9, 10]], dtype=I32)), r"heavy must be ascending.*row 0"),
@@ -381,7 +381,7 @@ def test_combine_checks(po, pl, match):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["topk", "pilot_stats", "sparse_attention", "combine",
+@pytest.mark.parametrize("op", ["select_topk", "pilot_stats", "sparse_attention", "combine",
                                 "sample_residual"])
 def test_fake_kernels_name_the_argument_of_a_wrong_rank(op):
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -389,7 +389,7 @@ def test_fake_kernels_name_the_argument_of_a_wrong_rank(op):
     idx = torch.zeros(2, 2, 5, dtype=I32)
     counts = torch.zeros(2, 2, dtype=I32)
     calls = {
-        "topk": (lambda: ops.topk(torch.randn(30), torch.zeros(3, dtype=I32),
+        "select_topk": (lambda: ops.select_topk(torch.randn(30), torch.zeros(3, dtype=I32),
                                   torch.zeros(3, dtype=I32), torch.zeros(3, dtype=I32), 2),
                  "scores"),
         "pilot_stats": (lambda: ops.pilot_stats(q[0], k, v, idx, counts, 1.0), r"\bq\b"),

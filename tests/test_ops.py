@@ -87,7 +87,7 @@ def test_scale_to_range_reference_edges():
 
 
 # --------------------------------------------------------------------------------------
-# topk
+# select_topk
 # --------------------------------------------------------------------------------------
 
 
@@ -105,7 +105,7 @@ def _random_windows(rows, length, g):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length", [1, 2, 7, 5000])
-def test_topk_matches_reference(dtype, length):
+def test_select_topk_matches_reference(dtype, length):
     g = torch.Generator().manual_seed(1000 + length)
     rows = 8
     scores = torch.randn(rows, length, generator=g).to(dtype)
@@ -114,13 +114,13 @@ def test_topk_matches_reference(dtype, length):
     ks = torch.randint(0, k_max + 1, (rows,), generator=g, dtype=I32)
     ks[0] = 0                                   # k = 0
     ks[1] = k_max                               # k >= window on short rows
-    got = ops.topk(scores, starts, ends, ks, k_max)
+    got = ops.select_topk(scores, starts, ends, ks, k_max)
     assert got.dtype == I32 and got.shape == (rows, k_max)
-    torch.testing.assert_close(got, R.topk_ref(scores, starts, ends, ks, k_max), rtol=0, atol=0)
+    torch.testing.assert_close(got, R.select_topk_ref(scores, starts, ends, ks, k_max), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_ties_nan_and_infinities(dtype):
+def test_select_topk_ties_nan_and_infinities(dtype):
     g = torch.Generator().manual_seed(7)
     rows, length = 12, 64
     scores = torch.randint(-3, 4, (rows, length), generator=g).to(dtype)  # many ties
@@ -133,46 +133,46 @@ def test_topk_ties_nan_and_infinities(dtype):
     starts = torch.randint(0, 20, (rows,), generator=g, dtype=I32)
     ends = starts + torch.randint(0, 50, (rows,), generator=g, dtype=I32)
     ks = torch.randint(0, 30, (rows,), generator=g, dtype=I32)
-    got = ops.topk(scores, starts, ends, ks, 30)
-    torch.testing.assert_close(got, R.topk_ref(scores, starts, ends, ks, 30), rtol=0, atol=0)
+    got = ops.select_topk(scores, starts, ends, ks, 30)
+    torch.testing.assert_close(got, R.select_topk_ref(scores, starts, ends, ks, 30), rtol=0, atol=0)
 
 
-def test_topk_nan_ranks_below_minus_inf():
+def test_select_topk_nan_ranks_below_minus_inf():
     scores = torch.tensor([[float("nan"), -float("inf"), float("nan"), -1e30]])
     one = torch.ones(1, dtype=I32)
-    got = ops.topk(scores, torch.zeros(1, dtype=I32), 4 * one, 3 * one, 4)
+    got = ops.select_topk(scores, torch.zeros(1, dtype=I32), 4 * one, 3 * one, 4)
     # Exactly: the numbers first (-1e30 at 3, -inf at 1), then the lower NaN (0).
     assert got.tolist() == [[0, 1, 3, -1]]
 
 
-def test_topk_signed_zeros_are_a_tie():
-    """select.h: 'Ties prefer the lower position'. -0.0 == +0.0, so position 0 must win."""
+def test_select_topk_signed_zeros_are_a_tie():
+    """select_topk.h: 'Ties prefer the lower position'. -0.0 == +0.0, so position 0 must win."""
     scores = torch.tensor([[-0.0, 0.0]])
     one = torch.ones(1, dtype=I32)
-    got = ops.topk(scores, torch.zeros(1, dtype=I32), 2 * one, one, 1)
+    got = ops.select_topk(scores, torch.zeros(1, dtype=I32), 2 * one, one, 1)
     assert got.tolist() == [[0]], (
         "topk ranks -0.0 below +0.0 (orderable_key in common.h distinguishes signed zeros), "
         "so the tie rule 'lower position wins' is broken for signed zeros")
 
 
-def test_topk_strided_rows_and_k_above_k_max():
+def test_select_topk_strided_rows_and_k_above_k_max():
     g = torch.Generator().manual_seed(3)
     big = torch.randn(5, 100, generator=g)
     scores = big[:, :60]                          # row stride 100, positions contiguous
     starts = torch.tensor([0, 5, 10, 0, 59], dtype=I32)
     ends = torch.tensor([60, 60, 30, 1, 60], dtype=I32)
     ks = torch.tensor([7, 3, 20, 1, 1], dtype=I32)
-    got = ops.topk(scores, starts, ends, ks, 8)
-    # Undocumented in select.h: k > k_max keeps the k_max best (row 2 asks 20 of 8 slots).
-    torch.testing.assert_close(got, R.topk_ref(scores.contiguous(), starts, ends, ks, 8),
+    got = ops.select_topk(scores, starts, ends, ks, 8)
+    # Undocumented in select_topk.h: k > k_max keeps the k_max best (row 2 asks 20 of 8 slots).
+    torch.testing.assert_close(got, R.select_topk_ref(scores.contiguous(), starts, ends, ks, 8),
                                rtol=0, atol=0)
 
 
-def test_topk_k_max_zero_and_no_rows():
+def test_select_topk_k_max_zero_and_no_rows():
     scores = torch.randn(3, 10)
     z = torch.zeros(3, dtype=I32)
-    assert ops.topk(scores, z, z + 10, z + 4, 0).shape == (3, 0)
-    empty = ops.topk(torch.randn(0, 10), torch.zeros(0, dtype=I32), torch.zeros(0, dtype=I32),
+    assert ops.select_topk(scores, z, z + 10, z + 4, 0).shape == (3, 0)
+    empty = ops.select_topk(torch.randn(0, 10), torch.zeros(0, dtype=I32), torch.zeros(0, dtype=I32),
                      torch.zeros(0, dtype=I32), 4)
     assert empty.shape == (0, 4)
 
@@ -191,7 +191,7 @@ def _sample_case(g, rows=48, span=300, heavy_max=24):
     ks = torch.randint(0, heavy_max + 1, (rows,), generator=g, dtype=I32)
     ks[1] = heavy_max
     ends[1] = starts[1] + 10                      # heavy eats the whole window -> n_r = 0
-    heavy = R.topk_ref(scores, starts, ends, ks, heavy_max)
+    heavy = R.select_topk_ref(scores, starts, ends, ks, heavy_max)
     n_r = ends - starts - (heavy >= 0).sum(1).to(I32)
     regime = torch.randint(0, 6, (rows,), generator=g)
     b = torch.randint(1, 64, (rows,), generator=g, dtype=I32)
@@ -281,7 +281,7 @@ def test_sample_residual_is_reproducible_and_streams_differ():
     heavy, starts, ends, _ = _sample_case(g, rows=16)
     num_samples = torch.full((16,), 40, dtype=I32)
     starts[:], ends[:] = 0, 1000                                  # n_r >> 40 on every row
-    heavy = R.topk_ref(torch.randn(16, 1000, generator=g), starts, ends,
+    heavy = R.select_topk_ref(torch.randn(16, 1000, generator=g), starts, ends,
                        torch.full((16,), 20, dtype=I32), 20)
 
     def run(seed, offset, stream):
@@ -612,14 +612,14 @@ def _opcheck_samples():
     g = torch.Generator().manual_seed(0)
     samples = []
     scores = torch.randn(4, 30, generator=g)
-    samples.append((torch.ops.vattention.topk.default,
+    samples.append((torch.ops.vattention.select_topk.default,
                     (scores, torch.tensor([0, 3, 5, 30], dtype=I32),
                      torch.tensor([30, 20, 5, 40], dtype=I32),
                      torch.tensor([4, 2, 1, 3], dtype=I32), 5)))
-    samples.append((torch.ops.vattention.topk.default,
+    samples.append((torch.ops.vattention.select_topk.default,
                     (scores.half(), torch.zeros(4, dtype=I32), torch.full((4,), 30, dtype=I32),
                      torch.full((4,), 3, dtype=I32), 3)))
-    heavy = R.topk_ref(scores, torch.zeros(4, dtype=I32), torch.full((4,), 30, dtype=I32),
+    heavy = R.select_topk_ref(scores, torch.zeros(4, dtype=I32), torch.full((4,), 30, dtype=I32),
                        torch.full((4,), 5, dtype=I32), 5)
     for stream, ns in ((0, [3, 100, 0, 10]), (1, [25, 25, 2, 40])):
         samples.append((torch.ops.vattention.sample_residual.default,
@@ -656,7 +656,7 @@ def test_opcheck(case):
 def _pipeline(q, k, v, scores, starts, ends, ks, rng):
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
-    heavy = ops.topk(scores, starts, ends, ks, 6)
+    heavy = ops.select_topk(scores, starts, ends, ks, 6)
     counts = (heavy >= 0).sum(-1).to(torch.int32).view(batch, kv_heads)
     det = ops.sparse_attention(q, k, v, heavy.view(batch, kv_heads, 6), None, counts, 0.125, 0)
     idx, lw, n = ops.sample_residual(heavy, starts, ends, torch.full_like(ks, 8), rng, 8, 1)

@@ -1,7 +1,7 @@
-"""torch.ops.vattention.select_scores against the plain-torch oracle_scores_torch.
+"""torch.ops.vattention.select_scores against the plain-torch select_scores_torch.
 
 The op computes fp32 dot products of the dtype's exact values, so the tight reference is
-oracle_scores_torch on q and k widened to float32 (same values up to summation order);
+select_scores_torch on q and k widened to float32 (same values up to summation order);
 against the native-dtype torch composition, which rounds the logits to q's dtype before
 the softmax, only a dtype-sized tolerance holds. CUDA cases are skipped without a GPU.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vattention import ops
-from vattention.select import oracle_scores, oracle_scores_torch
+from vattention.select import select_scores, select_scores_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HAS_CUDA = torch.cuda.is_available()
@@ -48,8 +48,8 @@ def assert_scores_close(got, ref, atol, rtol=1e-5):
 
 
 def reference(q, k, lengths, scale, share):
-    """oracle_scores_torch on the exactly widened inputs, on the CPU."""
-    return oracle_scores_torch(q.cpu().float(), k.cpu().float(), lengths.cpu(), scale, share)
+    """select_scores_torch on the exactly widened inputs, on the CPU."""
+    return select_scores_torch(q.cpu().float(), k.cpu().float(), lengths.cpu(), scale, share)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,7 +67,7 @@ def test_matches_torch_reference(device, dtype, dim, group, share):
     assert got.device == q.device
     assert got.shape == (4, kv_heads if share else kv_heads * group, length)
     assert_scores_close(got, reference(q, k, lengths, scale, share), atol=2e-5)
-    assert_scores_close(got, oracle_scores_torch(q, k, lengths, scale, share).float(),
+    assert_scores_close(got, select_scores_torch(q, k, lengths, scale, share).float(),
                         atol=NATIVE_ATOL[dtype], rtol=NATIVE_ATOL[dtype])
 
 
@@ -142,14 +142,14 @@ def test_oracle_scores_runs_the_op_and_keeps_the_torch_fallback(monkeypatch):
 
     monkeypatch.setattr(ops, "select_scores", spy)
     for share in (False, True):
-        torch.testing.assert_close(oracle_scores(q, k, lengths, 0.125, share),
+        torch.testing.assert_close(select_scores(q, k, lengths, 0.125, share),
                                    real(q, k, lengths, 0.125, share), rtol=0, atol=0)
     assert len(calls) == 2
     # A head_dim that is not contiguous is not the op's layout: the torch path serves it.
     k_strided = torch.randn(2, 2, 30, 128)[..., ::2]
-    got = oracle_scores(q, k_strided, lengths, 0.125, True)
+    got = select_scores(q, k_strided, lengths, 0.125, True)
     assert len(calls) == 2
-    torch.testing.assert_close(got, oracle_scores_torch(q, k_strided, lengths, 0.125, True))
+    torch.testing.assert_close(got, select_scores_torch(q, k_strided, lengths, 0.125, True))
 
 
 def test_argument_errors():
@@ -193,7 +193,7 @@ def test_compile_fullgraph():
     q, k, lengths = make_inputs(2, 8, 2, 64, 64, torch.float32, "cpu", seed=10)
 
     def scores(q, k, lengths):
-        return oracle_scores(q, k, lengths, 0.125, True) + 1.0
+        return select_scores(q, k, lengths, 0.125, True) + 1.0
 
     expected = scores(q, k, lengths)
     got = torch.compile(scores, fullgraph=True, backend="aot_eager")(q, k, lengths)
@@ -271,5 +271,5 @@ def test_cuda_rejects_unsupported_head_dim_and_oracle_falls_back():
     q, k, lengths = make_inputs(2, 4, 2, 30, 96, torch.float16, "cuda", seed=14)
     with pytest.raises(RuntimeError, match="head_dim 64, 128 or 256"):
         ops.select_scores(q, k, lengths, 0.1, True)
-    got = oracle_scores(q, k, lengths, 0.1, True)
-    torch.testing.assert_close(got, oracle_scores_torch(q, k, lengths, 0.1, True))
+    got = select_scores(q, k, lengths, 0.1, True)
+    torch.testing.assert_close(got, select_scores_torch(q, k, lengths, 0.1, True))

@@ -127,7 +127,7 @@ IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
   return p;
 }
 
-void check_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                      const at::Tensor& ks, int64_t k_max) {
   TORCH_CHECK(scores.dim() == 2, "vattention: scores must be [rows, length], got ",
               scores.sizes());
@@ -142,10 +142,10 @@ void check_topk_args(const at::Tensor& scores, const at::Tensor& starts, const a
   element_type(scores, "scores");
 }
 
-TopkParams topk_params(const at::Tensor& scores, const at::Tensor& starts,
+SelectTopkParams select_topk_params(const at::Tensor& scores, const at::Tensor& starts,
                        const at::Tensor& ends, const at::Tensor& ks, int64_t k_max,
                        const at::Tensor& indices) {
-  TopkParams p{};
+  SelectTopkParams p{};
   p.scores = scores.data_ptr();
   p.score_row_stride = scores.stride(0);
   p.starts = starts.data_ptr<int32_t>();
@@ -161,7 +161,7 @@ TopkParams topk_params(const at::Tensor& scores, const at::Tensor& starts,
 
 SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
                            const at::Tensor& ends, const at::Tensor& num_samples,
-                           const at::Tensor& rng, int64_t max_out, int64_t stream,
+                           const at::Tensor& rng, int64_t max_out, int64_t draw_set,
                            at::Tensor* indices, at::Tensor* log_weights, at::Tensor* counts) {
   TORCH_CHECK(heavy.dim() == 2, "vattention: heavy must be [rows, heavy_max], got ",
               heavy.sizes());
@@ -179,8 +179,8 @@ SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
               ", got ", rng.device());
   TORCH_CHECK(rng.is_contiguous(), "vattention: rng must be contiguous");
   TORCH_CHECK(max_out >= 0, "vattention: max_out must be >= 0, got ", max_out);
-  TORCH_CHECK(stream == 0 || stream == 1, "vattention: stream must be 0 (pilot) or 1 (sample), got ",
-              stream);
+  TORCH_CHECK(draw_set == kPilotDraws || draw_set == kFinalDraws, "vattention: draw_set must be 0 (pilot) or 1 (final sample), got ",
+              draw_set);
   TORCH_CHECK(rows < (int64_t(1) << 32), "vattention: too many rows for the sampler");
   *indices = at::empty({rows, max_out}, heavy.options());
   *log_weights = at::empty({rows, max_out}, heavy.options().dtype(at::kFloat));
@@ -197,7 +197,7 @@ SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
   p.counts = counts->data_ptr<int32_t>();
   p.rows = rows;
   p.max_out = max_out;
-  p.stream = uint32_t(stream);
+  p.draw_set = uint32_t(draw_set);
   return p;
 }
 

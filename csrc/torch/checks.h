@@ -10,7 +10,8 @@
 #include "../vattention/combine.h"
 #include "../vattention/pilot.h"
 #include "../vattention/sample.h"
-#include "../vattention/select.h"
+#include "../vattention/select_scores.h"
+#include "../vattention/select_topk.h"
 #include "../vattention/sparse_attention.h"
 
 namespace vattention::binding {
@@ -27,17 +28,17 @@ IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
                                   const at::Tensor& indices, const at::Tensor& counts,
                                   const c10::optional<at::Tensor>& log_weights);
 
-void check_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                      const at::Tensor& ks, int64_t k_max);
 
-// Expects check_topk_args to have passed; indices is the [rows, k_max] int32 output.
-TopkParams topk_params(const at::Tensor& scores, const at::Tensor& starts,
+// Expects check_select_topk_args to have passed; indices is the [rows, k_max] int32 output.
+SelectTopkParams select_topk_params(const at::Tensor& scores, const at::Tensor& starts,
                        const at::Tensor& ends, const at::Tensor& ks, int64_t k_max,
                        const at::Tensor& indices);
 
 SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
                            const at::Tensor& ends, const at::Tensor& num_samples,
-                           const at::Tensor& rng, int64_t max_out, int64_t stream,
+                           const at::Tensor& rng, int64_t max_out, int64_t draw_set,
                            at::Tensor* indices, at::Tensor* log_weights, at::Tensor* counts);
 
 void check_partials(const at::Tensor& partial_out, const at::Tensor& partial_lse);

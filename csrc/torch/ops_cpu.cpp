@@ -29,20 +29,20 @@ void check_index_list(const IndexListParams& list, int64_t rows_in_list, int64_t
   }
 }
 
-at::Tensor topk_cpu_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+at::Tensor select_topk_cpu_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                        const at::Tensor& ks, int64_t k_max) {
-  check_topk_args(scores, starts, ends, ks, k_max);
+  check_select_topk_args(scores, starts, ends, ks, k_max);
   at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
-  const TopkParams p = topk_params(scores, starts, ends, ks, k_max, indices);
-  at::parallel_for(0, p.rows, kGrain, [&](int64_t begin, int64_t end) { topk_cpu(p, begin, end); });
+  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, k_max, indices);
+  at::parallel_for(0, p.rows, kGrain, [&](int64_t begin, int64_t end) { select_topk_cpu(p, begin, end); });
   return indices;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cpu_op(
     const at::Tensor& heavy, const at::Tensor& starts, const at::Tensor& ends,
-    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t stream) {
+    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t draw_set) {
   at::Tensor indices, log_weights, counts;
-  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, stream,
+  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, draw_set,
                                        &indices, &log_weights, &counts);
   TORCH_CHECK(p.rng[1] >= 0 && p.rng[1] < (int64_t(1) << 30),
               "vattention: rng offset must lie in [0, 2^30), got ", p.rng[1]);
@@ -151,7 +151,7 @@ at::Tensor select_scores_cpu_op(const at::Tensor& q, const at::Tensor& k, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CPU, m) {
-  m.impl("topk", &topk_cpu_op);
+  m.impl("select_topk", &select_topk_cpu_op);
   m.impl("sample_residual", &sample_residual_cpu_op);
   m.impl("pilot_stats", &pilot_stats_cpu_op);
   m.impl("sparse_attention", &sparse_attention_cpu_op);

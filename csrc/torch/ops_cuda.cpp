@@ -41,32 +41,32 @@ void check_head_dim(int64_t dim) {
               "vattention: the CUDA kernels support head_dim 64, 128 or 256, got ", dim);
 }
 
-at::Tensor topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+at::Tensor select_topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                         const at::Tensor& ks, int64_t k_max) {
   check_cuda(scores, "scores");
   const c10::cuda::CUDAGuard guard(scores.device());
-  check_topk_args(scores, starts, ends, ks, k_max);
+  check_select_topk_args(scores, starts, ends, ks, k_max);
   at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
-  const TopkParams p = topk_params(scores, starts, ends, ks, k_max, indices);
+  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, k_max, indices);
   if (p.rows == 0 || p.k_max == 0) return indices;
-  const size_t ws_bytes = topk_cuda_workspace_bytes(p);
+  const size_t ws_bytes = select_topk_cuda_workspace_bytes(p);
   at::Tensor workspace;
   if (ws_bytes > 0) {
     workspace = at::empty({int64_t(ws_bytes)}, scores.options().dtype(at::kByte));
   }
-  C10_CUDA_CHECK(topk_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+  C10_CUDA_CHECK(select_topk_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
                            at::cuda::getCurrentCUDAStream()));
   return indices;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cuda_op(
     const at::Tensor& heavy, const at::Tensor& starts, const at::Tensor& ends,
-    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t stream) {
+    const at::Tensor& num_samples, const at::Tensor& rng, int64_t max_out, int64_t draw_set) {
   check_cuda(heavy, "heavy");
   const c10::cuda::CUDAGuard guard(heavy.device());
   at::Tensor indices, log_weights, counts;
   // rng stays on the device: the kernel reads the seed and the call offset there.
-  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, stream,
+  const SampleParams p = sample_params(heavy, starts, ends, num_samples, rng, max_out, draw_set,
                                        &indices, &log_weights, &counts);
   if (p.rows > 0) {
     C10_CUDA_CHECK(sample_residual_cuda(p, at::cuda::getCurrentCUDAStream()));
@@ -178,7 +178,7 @@ at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
-  m.impl("topk", &topk_cuda_op);
+  m.impl("select_topk", &select_topk_cuda_op);
   m.impl("sample_residual", &sample_residual_cuda_op);
   m.impl("pilot_stats", &pilot_stats_cuda_op);
   m.impl("sparse_attention", &sparse_attention_cuda_op);

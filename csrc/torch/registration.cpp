@@ -10,10 +10,10 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vattention, m) {
-  m.def("topk(Tensor scores, Tensor starts, Tensor ends, Tensor ks, int k_max) -> Tensor");
+  m.def("select_topk(Tensor scores, Tensor starts, Tensor ends, Tensor ks, int k_max) -> Tensor");
   m.def(
       "sample_residual(Tensor heavy, Tensor starts, Tensor ends, Tensor num_samples, "
-      "Tensor rng, int max_out, int stream) -> (Tensor, Tensor, Tensor)");
+      "Tensor rng, int max_out, int draw_set) -> (Tensor, Tensor, Tensor)");
   m.def(
       "pilot_stats(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, float scale) "
       "-> (Tensor, Tensor, Tensor)");

@@ -29,15 +29,15 @@ VATT_HD PhiloxWords philox4x32_10(PhiloxWords c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// Where a draw lives in the Philox stream. Each (seed, call offset, row, stream)
+// Where a draw lives in the Philox stream. Each (seed, call offset, row, draw set)
 // names an independent sequence; draw j of it uses two 32-bit words of block j/2.
-struct DrawStream {
+struct DrawSequence {
   uint64_t seed;
   uint32_t call_offset;  // < 2^30, so 4 * block fits cuRAND's 64-bit offset
   uint32_t row;
-  uint32_t stream;       // 0 = pilot, 1 = final sample
+  uint32_t draw_set;     // kPilotDraws or kFinalDraws (sample.h)
 
-  VATT_HD uint64_t subsequence() const { return uint64_t(row) | (uint64_t(stream) << 32); }
+  VATT_HD uint64_t subsequence() const { return uint64_t(row) | (uint64_t(draw_set) << 32); }
   VATT_HD uint64_t block(uint32_t pair) const { return uint64_t(pair) | (uint64_t(call_offset) << 32); }
 };
 
@@ -47,7 +47,7 @@ VATT_HD uint64_t draw_word_pair(const PhiloxWords& block, uint32_t draw) {
 }
 
 // Host reference of the whole draw: identical arithmetic to the CUDA path.
-VATT_HD uint64_t philox_draw(const DrawStream& s, uint32_t draw) {
+VATT_HD uint64_t philox_draw(const DrawSequence& s, uint32_t draw) {
   const uint64_t blk = s.block(draw >> 1);
   const uint64_t sub = s.subsequence();
   const PhiloxWords block = philox4x32_10(

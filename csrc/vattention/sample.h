@@ -8,13 +8,18 @@
 //   * otherwise d = min(b, max_out) draws with replacement, each uniform over the
 //     residual, log-weight log(n_r / d). Clamping to max_out lowers the sample
 //     size but keeps the estimator unbiased.
-// Draw j of row r is Philox(seed, call_offset, row r, stream) word pair j, see
+// Draw j of row r is Philox(seed, call_offset, row r, draw_set) word pair j, see
 // philox.h; the CPU and CUDA versions return identical indices.
 #pragma once
 
 #include "common.h"
 
 namespace vattention {
+
+// The two independent draw sets of a decode step (the Philox subsequence's high word):
+// the pilot must not share draws with the final sample, or the budget would depend
+// on the very draws it sizes.
+enum DrawSet : uint32_t { kPilotDraws = 0, kFinalDraws = 1 };
 
 struct SampleParams {
   const int32_t* heavy;      // [rows, heavy_stride], may be null when heavy_stride == 0
@@ -28,7 +33,7 @@ struct SampleParams {
   int32_t* counts;           // [rows]
   int64_t rows;
   int64_t max_out;
-  uint32_t stream;
+  uint32_t draw_set;         // kPilotDraws or kFinalDraws
 };
 
 // Number of heavy entries of a row: the valid prefix of its -1 padded list.

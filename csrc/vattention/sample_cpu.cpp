@@ -34,9 +34,9 @@ void sample_residual_cpu(const SampleParams& p, int64_t row_begin, int64_t row_e
       } else {
         count = std::min<int64_t>(wanted, p.max_out);
         const float log_weight = logf(float(residual) / float(count));
-        const DrawStream stream{seed, call_offset, uint32_t(r), p.stream};
+        const DrawSequence seq{seed, call_offset, uint32_t(r), p.draw_set};
         for (int64_t j = 0; j < count; ++j) {
-          const uint64_t rank = scale_to_range(philox_draw(stream, uint32_t(j)), uint32_t(residual));
+          const uint64_t rank = scale_to_range(philox_draw(seq, uint32_t(j)), uint32_t(residual));
           indices[j] = residual_position(heavy, h, start, int64_t(rank));
           log_weights[j] = log_weight;
         }

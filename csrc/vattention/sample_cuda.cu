@@ -2,8 +2,8 @@
 //
 // One thread per (row, draw pair): pair j covers draws 2j and 2j+1, which use the
 // two 64-bit halves of Philox block j of the row's stream. The block comes from
-// cuRAND's Philox4_32_10 generator: curand_init(seed, DrawStream::subsequence(),
-// 4 * DrawStream::block(j)) sets counter = {block lo, block hi, subsequence lo,
+// cuRAND's Philox4_32_10 generator: curand_init(seed, DrawSequence::subsequence(),
+// 4 * DrawSequence::block(j)) sets counter = {block lo, block hi, subsequence lo,
 // subsequence hi} and key = seed with an empty output buffer (offset % 4 == 0),
 // so the next curand4() returns exactly philox4x32_10(counter, key), i.e. the
 // words that philox.h's philox_draw uses on the CPU. Ranks map to positions with
@@ -82,14 +82,14 @@ sample_residual_kernel(const SampleParams p, const int64_t pairs_per_row) {
     // double so that --use_fast_math's approximate logf does not apply).
     const float ratio = __fdiv_rn(float(residual), float(count));
     const float log_weight = float(log(double(ratio)));
-    const DrawStream stream{seed, call_offset, uint32_t(r), p.stream};
+    const DrawSequence seq{seed, call_offset, uint32_t(r), p.draw_set};
 #if VATTENTION_SAMPLER_CURAND
     curandStatePhilox4_32_10_t state;
-    curand_init(seed, stream.subsequence(), 4ull * stream.block(pair), &state);
+    curand_init(seed, seq.subsequence(), 4ull * seq.block(pair), &state);
     const uint4 words = curand4(&state);
     const PhiloxWords block{words.x, words.y, words.z, words.w};
 #else
-    const uint64_t blk = stream.block(pair), sub = stream.subsequence();
+    const uint64_t blk = seq.block(pair), sub = seq.subsequence();
     const PhiloxWords block = philox4x32_10(
         PhiloxWords{uint32_t(blk), uint32_t(blk >> 32), uint32_t(sub), uint32_t(sub >> 32)},
         uint32_t(seed), uint32_t(seed >> 32));

@@ -1,4 +1,4 @@
-// CPU oracle selection scores (select.h, SelectScoresParams): one (batch, KV
+// CPU oracle selection scores (select_scores.h, SelectScoresParams): one (batch, KV
 // head) pair at a time, each K row converted once and dotted with every query
 // head of the group.
 #include <algorithm>
@@ -7,12 +7,12 @@
 #include <vector>
 
 #include "kv_rows_cpu.h"
-#include "select.h"
+#include "select_scores.h"
 
 namespace vattention {
 namespace {
 
-// logsumexp of a row of logits as select.h uses it: 0 where it is not finite
+// logsumexp of a row of logits as select_scores.h defines it: 0 where it is not finite
 // (no entries, all -inf, a +inf, or a NaN among them).
 float usable_lse(const float* x, int64_t n) {
   float m = kNegInf;

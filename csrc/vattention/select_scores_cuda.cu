@@ -1,4 +1,4 @@
-// CUDA oracle selection scores (select.h, SelectScoresParams): the values of
+// CUDA oracle selection scores (select_scores.h, SelectScoresParams): the values of
 // select_scores_cpu, reading every K row once per KV group.
 //
 // Kernel 1, select_logits_kernel: one block per (batch, KV head, split of the
@@ -24,7 +24,7 @@
 #include <cmath>
 
 #include "kv_gather_cuda.cuh"
-#include "select.h"
+#include "select_scores.h"
 
 namespace vattention {
 namespace {

@@ -17,7 +17,7 @@ import torch
 from . import budget as budget_rules
 from . import ops
 from .config import FRACTION_SLACK, VAttentionConfig, resolve_size
-from .select import oracle_scores
+from .select import select_scores
 
 Tensor = torch.Tensor
 SeedLike = Union[None, int, Tensor]
@@ -172,8 +172,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     ends_rows = _per_list(window_end, list_heads)
 
     with stage("select"):
-        scores = oracle_scores(q, k, lengths, scale, cfg.share_gqa)
-        heavy_idx = ops.topk(scores.reshape(batch * list_heads, length), starts_rows, ends_rows,
+        scores = select_scores(q, k, lengths, scale, cfg.share_gqa)
+        heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows, ends_rows,
                              _per_list(heavy, list_heads), heavy_max)
 
     # Exact attention over the deterministic set.
@@ -194,7 +194,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     with stage("pilot"):
         pilot_idx, _, pilot_counts = ops.sample_residual(
             heavy_idx, starts_rows, ends_rows, _per_list(pilot_wanted, list_heads), rng,
-            pilot_max, 0)
+            pilot_max, ops.PILOT_DRAWS)
         pilot_max_logit, moments, vector_moments = ops.pilot_stats(
             q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
             pilot_counts.view(batch, list_heads), scale)
@@ -220,7 +220,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     with stage("sample"):
         sample_idx, sample_log_weights, sample_counts = ops.sample_residual(
             heavy_idx, starts_rows, ends_rows, wanted_lists.reshape(-1).to(torch.int32), rng,
-            sample_max, 1)
+            sample_max, ops.FINAL_DRAWS)
     with stage("attend"):
         sample_out, sample_lse = ops.sparse_attention(
             q, k, v, sample_idx.view(batch, list_heads, sample_max),

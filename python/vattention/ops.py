@@ -14,17 +14,26 @@ from . import _C  # noqa: F401  (loads the library that registers torch.ops.vatt
 
 Tensor = torch.Tensor
 
+# The two independent Philox draw sets of a decode step (DrawSet in csrc/vattention/sample.h):
+# the pilot's draws must not be reused as the final sample's, or the budget would depend on
+# the very draws it sizes.
+PILOT_DRAWS = 0
+FINAL_DRAWS = 1
 
-def topk(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: int) -> Tensor:
+
+def select_topk(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max: int) -> Tensor:
     """Top-ks[r] positions of scores[r, starts[r]:ends[r]], ascending, -1 padded to k_max."""
-    return torch.ops.vattention.topk(scores, starts, ends, ks, k_max)
+    return torch.ops.vattention.select_topk(scores, starts, ends, ks, k_max)
 
 
 def sample_residual(heavy: Tensor, starts: Tensor, ends: Tensor, num_samples: Tensor,
-                    rng: Tensor, max_out: int, stream: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Uniform draws from each row's residual: (indices, log_weights, counts)."""
+                    rng: Tensor, max_out: int, draw_set: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Uniform draws from each row's residual: (indices, log_weights, counts).
+
+    draw_set is PILOT_DRAWS or FINAL_DRAWS: which of the step's two independent Philox
+    draw sets to use."""
     return torch.ops.vattention.sample_residual(heavy, starts, ends, num_samples, rng, max_out,
-                                                stream)
+                                                draw_set)
 
 
 def pilot_stats(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
@@ -58,15 +67,15 @@ def _check_rank(t: Tensor, rank: int, name: str, layout: str) -> None:
                  lambda: f"vattention: {name} must be {layout}, got shape {tuple(t.shape)}")
 
 
-@torch.library.register_fake("vattention::topk")
-def _topk_fake(scores, starts, ends, ks, k_max):
+@torch.library.register_fake("vattention::select_topk")
+def _select_topk_fake(scores, starts, ends, ks, k_max):
     _check_rank(scores, 2, "scores", "[rows, length]")
     torch._check(k_max >= 0, lambda: f"vattention: k_max must be >= 0, got {k_max}")
     return scores.new_empty((scores.shape[0], k_max), dtype=torch.int32)
 
 
 @torch.library.register_fake("vattention::sample_residual")
-def _sample_residual_fake(heavy, starts, ends, num_samples, rng, max_out, stream):
+def _sample_residual_fake(heavy, starts, ends, num_samples, rng, max_out, draw_set):
     _check_rank(heavy, 2, "heavy", "[rows, heavy_max]")
     torch._check(max_out >= 0, lambda: f"vattention: max_out must be >= 0, got {max_out}")
     rows = heavy.shape[0]

@@ -37,11 +37,11 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
-def uniform_ranks(seed: int, offset: int, row: int, stream: int, draws: int, n: int) -> List[int]:
-    """Draw j of (seed, offset, row, stream): 64 random bits scaled to a rank in [0, n)."""
+def uniform_ranks(seed: int, offset: int, row: int, draw_set: int, draws: int, n: int) -> List[int]:
+    """Draw j of (seed, offset, row, draw_set): 64 random bits scaled to a rank in [0, n)."""
     j = np.arange(draws, dtype=np.uint64)
     words = philox4x32_10(
-        (j >> np.uint64(1), np.full_like(j, offset), np.full_like(j, row), np.full_like(j, stream)),
+        (j >> np.uint64(1), np.full_like(j, offset), np.full_like(j, row), np.full_like(j, draw_set)),
         (seed & 0xFFFFFFFF, seed >> 32))
     odd = (j & np.uint64(1)).astype(bool)
     lo = np.where(odd, words[2], words[0])
@@ -64,7 +64,7 @@ def top_positions(scores: Tensor, start: int, end: int, k: int) -> List[int]:
 
 
 def draw_residual(residual: List[int], wanted: int, seed: int, offset: int, row: int,
-                  stream: int, max_out: int):
+                  draw_set: int, max_out: int):
     """(positions, weight) of a uniform with-replacement sample, or all of R when wanted >= n_r."""
     n_r = len(residual)
     if n_r == 0 or wanted <= 0:
@@ -72,7 +72,7 @@ def draw_residual(residual: List[int], wanted: int, seed: int, offset: int, row:
     if wanted >= n_r and n_r <= max_out:
         return list(residual), 1.0
     count = min(wanted, max_out)
-    ranks = uniform_ranks(seed, offset, row, stream, count, n_r)
+    ranks = uniform_ranks(seed, offset, row, draw_set, count, n_r)
     return [residual[r] for r in ranks], n_r / count
 
 

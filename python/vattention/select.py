@@ -11,7 +11,7 @@ _CUDA_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def oracle_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa: bool) -> Tensor:
+def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa: bool) -> Tensor:
     """Exact logits as selection scores: [B, Hkv, N] when shared over a GQA group, else [B, Hq, N].
 
     A shared list ranks token i by max over the group's heads of its log-probability
@@ -20,11 +20,11 @@ def oracle_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa
 
     Runs torch.ops.vattention.select_scores (reads K once per KV group, fp32 dot products
     without rounding the logits to q's dtype) where it supports the inputs, else the plain
-    torch composition `oracle_scores_torch`.
+    torch composition `select_scores_torch`.
     """
     if _op_supports(q, k, lengths):
         return ops.select_scores(q, k, lengths, scale, share_gqa)
-    return oracle_scores_torch(q, k, lengths, scale, share_gqa)
+    return select_scores_torch(q, k, lengths, scale, share_gqa)
 
 
 def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
@@ -35,9 +35,9 @@ def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
             and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _CUDA_HEAD_DIMS)))
 
 
-def oracle_scores_torch(q: Tensor, k: Tensor, lengths: Tensor, scale: float,
+def select_scores_torch(q: Tensor, k: Tensor, lengths: Tensor, scale: float,
                         share_gqa: bool) -> Tensor:
-    """The plain-torch composition of `oracle_scores` (the reference of the op's tests)."""
+    """The plain-torch composition of `select_scores` (the reference of the op's tests)."""
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads

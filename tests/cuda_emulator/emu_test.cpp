@@ -1,6 +1,6 @@
 // Runs the CUDA kernels of csrc/vattention/*_cuda.cu under the CPU emulator
 // (emu_runtime.h) and compares them with the CPU kernels: exact equality for
-// topk and sample_residual, tolerances for pilot statistics, sparse-attention
+// select_topk and sample_residual, tolerances for pilot statistics, sparse-attention
 // partials and combine. Built by CMake as `vattention_emu_test` (ctest name
 // emu_kernels); needs no GPU.
 //
@@ -17,7 +17,8 @@
 #include "../../csrc/vattention/combine.h"
 #include "../../csrc/vattention/pilot.h"
 #include "../../csrc/vattention/sample.h"
-#include "../../csrc/vattention/select.h"
+#include "../../csrc/vattention/select_scores.h"
+#include "../../csrc/vattention/select_topk.h"
 #include "../../csrc/vattention/sparse_attention.h"
 
 using namespace vattention;
@@ -94,10 +95,10 @@ const char* dtype_name(DType d) {
 }
 
 // ---------------------------------------------------------------------------
-// topk
+// select_topk
 // ---------------------------------------------------------------------------
 
-void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, int value_range,
+void test_select_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, int value_range,
                     bool specials, uint32_t seed, const char* label) {
   std::mt19937 rng(seed);
   Buffer scores{dtype, {}};
@@ -142,7 +143,7 @@ void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, in
                                                     : int32_t(rng() % (k_max + 1));
     if (r % 7 == 6) ks[r] = -3;
   }
-  TopkParams p{};
+  SelectTopkParams p{};
   p.scores = scores.data();
   p.score_row_stride = stride;
   p.starts = starts.data();
@@ -154,12 +155,12 @@ void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, in
   p.dtype = dtype;
   std::vector<int32_t> ref(size_t(rows * k_max), 12345), got(size_t(rows * k_max), 12345);
   p.indices = ref.data();
-  topk_cpu(p, 0, rows);
+  select_topk_cpu(p, 0, rows);
   p.indices = got.data();
-  check_cuda(topk_cuda(p, nullptr, nullptr), "topk_cuda");
+  check_cuda(select_topk_cuda(p, nullptr, nullptr), "select_topk_cuda");
   int64_t bad = 0;
   for (size_t i = 0; i < ref.size(); ++i) bad += ref[i] != got[i];
-  EXPECT(bad == 0, "topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
+  EXPECT(bad == 0, "select_topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
          dtype_name(dtype), (long long)rows, (long long)length, (long long)k_max, (long long)bad);
   if (bad) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -179,17 +180,17 @@ void test_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, in
 // 256), cluster sizes 1..8 and the one-block fallback; per row a window kind, a
 // k kind and a fill (ties, NaN, infinities, +-0, monotone runs that defeat the
 // queue's threshold, all-NaN rows).
-void run_topk_compare(TopkParams p, const char* label, const std::vector<int32_t>& starts,
+void run_topk_compare(SelectTopkParams p, const char* label, const std::vector<int32_t>& starts,
                       const std::vector<int32_t>& ends, const std::vector<int32_t>& ks) {
   std::vector<int32_t> ref(size_t(p.rows * p.k_max), 12345), got(size_t(p.rows * p.k_max), 12345);
   p.indices = ref.data();
-  topk_cpu(p, 0, p.rows);
+  select_topk_cpu(p, 0, p.rows);
   p.indices = got.data();
-  EXPECT(topk_cuda_workspace_bytes(p) == 0, "topk %s: unexpected workspace", label);
-  check_cuda(topk_cuda(p, nullptr, nullptr), "topk_cuda");
+  EXPECT(select_topk_cuda_workspace_bytes(p) == 0, "select_topk %s: unexpected workspace", label);
+  check_cuda(select_topk_cuda(p, nullptr, nullptr), "select_topk_cuda");
   int64_t bad = 0;
   for (size_t i = 0; i < ref.size(); ++i) bad += ref[i] != got[i];
-  EXPECT(bad == 0, "topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
+  EXPECT(bad == 0, "select_topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
          dtype_name(p.dtype), (long long)p.rows, (long long)p.length, (long long)p.k_max,
          (long long)bad);
   if (bad == 0) return;
@@ -207,7 +208,7 @@ void run_topk_compare(TopkParams p, const char* label, const std::vector<int32_t
   }
 }
 
-void test_topk_small_k_case(DType dtype, int64_t rows, int64_t length, int64_t k_max,
+void test_select_topk_small_k_case(DType dtype, int64_t rows, int64_t length, int64_t k_max,
                             uint32_t seed, const char* label) {
   std::mt19937 rng(seed);
   Buffer scores{dtype, {}};
@@ -272,7 +273,7 @@ void test_topk_small_k_case(DType dtype, int64_t rows, int64_t length, int64_t k
       scores.set(size_t(r * stride + i), v);
     }
   }
-  TopkParams p{};
+  SelectTopkParams p{};
   p.scores = scores.data();
   p.score_row_stride = stride;
   p.starts = starts.data();
@@ -292,7 +293,7 @@ void test_topk_small_k_case(DType dtype, int64_t rows, int64_t length, int64_t k
 // queue's (k-1)-th and k-th best arrives: it must be taken (the threshold is the
 // k-th best, not better). Row 1: a lane holds 1 then 5 pending candidates, the
 // first being the row's best; it must survive the next tile's 4 candidates.
-void test_topk_small_k_directed(int64_t k) {
+void test_select_topk_small_k_directed(int64_t k) {
   const int64_t length = 6000, rows = 2;
   Buffer scores{DType::kFloat32, {}};
   scores.resize(size_t(rows * length));
@@ -313,7 +314,7 @@ void test_topk_small_k_directed(int64_t k) {
     }
   }
   std::vector<int32_t> starts(rows, 0), ends(rows, int32_t(length)), ks(rows, int32_t(k));
-  TopkParams p{};
+  SelectTopkParams p{};
   p.scores = scores.data();
   p.score_row_stride = length;
   p.starts = starts.data();
@@ -328,65 +329,65 @@ void test_topk_small_k_directed(int64_t k) {
   emu::device_props().major = 9;
 }
 
-void test_topk_small_k() {
+void test_select_topk_small_k() {
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   const int64_t kmaxes[] = {1, 7, 32, 100, 256};
   uint32_t seed = 500;
-  for (int64_t k : kmaxes) test_topk_small_k_directed(k);
+  for (int64_t k : kmaxes) test_select_topk_small_k_directed(k);
   // Short rows (one block per row): every k against lengths around the queue sizes.
   for (DType d : dtypes) {
     for (int64_t k : kmaxes) {
       for (int64_t length : {int64_t(1), int64_t(5), int64_t(33), int64_t(300), int64_t(1100)}) {
         if (g_quick && d != DType::kFloat32 && length == 1100 && k != 256) continue;
-        test_topk_small_k_case(d, 9, length, k, seed++, "small-k");
+        test_select_topk_small_k_case(d, 9, length, k, seed++, "small-k");
       }
     }
   }
   // k_max 64: the 64-entry queue.
-  test_topk_small_k_case(DType::kBFloat16, 9, 3000, 64, seed++, "small-k-64");
+  test_select_topk_small_k_case(DType::kBFloat16, 9, 3000, 64, seed++, "small-k-64");
   // Long rows: clusters of 2, 3, 5 and 8 blocks.
-  test_topk_small_k_case(DType::kFloat32, 4, 4097, 100, seed++, "small-k-cluster2");
-  test_topk_small_k_case(DType::kFloat16, 3, 9000, 7, seed++, "small-k-cluster3");
-  test_topk_small_k_case(DType::kBFloat16, 3, 20000, 256, seed++, "small-k-cluster5");
+  test_select_topk_small_k_case(DType::kFloat32, 4, 4097, 100, seed++, "small-k-cluster2");
+  test_select_topk_small_k_case(DType::kFloat16, 3, 9000, 7, seed++, "small-k-cluster3");
+  test_select_topk_small_k_case(DType::kBFloat16, 3, 20000, 256, seed++, "small-k-cluster5");
   for (DType d : dtypes) {
     for (int64_t k : kmaxes) {
       if (g_quick && !(k == 7 && d == DType::kFloat32) && !(k == 256 && d == DType::kBFloat16)) {
         continue;
       }
-      test_topk_small_k_case(d, 2, 131072, k, seed++, "small-k-cluster8");
+      test_select_topk_small_k_case(d, 2, 131072, k, seed++, "small-k-cluster8");
     }
   }
   // One block per row (pre-sm_90: no clusters), long rows.
   emu::device_props().major = 8;
-  test_topk_small_k_case(DType::kFloat32, 2, 30000, 32, seed++, "small-k-no-cluster");
-  if (!g_quick) test_topk_small_k_case(DType::kFloat16, 2, 131072, 100, seed++, "small-k-no-cluster");
+  test_select_topk_small_k_case(DType::kFloat32, 2, 30000, 32, seed++, "small-k-no-cluster");
+  if (!g_quick) test_select_topk_small_k_case(DType::kFloat16, 2, 131072, 100, seed++, "small-k-no-cluster");
   emu::device_props().major = 9;
   // Many rows: one block per row, rows interleaved over the grid.
-  if (!g_quick) test_topk_small_k_case(DType::kFloat32, 400, 300, 16, seed++, "small-k-many-rows");
+  if (!g_quick) test_select_topk_small_k_case(DType::kFloat32, 400, 300, 16, seed++, "small-k-many-rows");
 }
 
 void test_topk() {
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   for (DType d : dtypes) {
-    test_topk_case(d, 8, 1, 4, 255, false, 1, "tiny");
-    test_topk_case(d, 8, 7, 10, 255, true, 2, "specials");
-    test_topk_case(d, 12, 64, 30, 3, true, 3, "ties");
-    test_topk_case(d, 6, 5000, 300, 255, false, 4, "mid");
+    test_select_topk_case(d, 8, 1, 4, 255, false, 1, "tiny");
+    test_select_topk_case(d, 8, 7, 10, 255, true, 2, "specials");
+    test_select_topk_case(d, 12, 64, 30, 3, true, 3, "ties");
+    test_select_topk_case(d, 6, 5000, 300, 255, false, 4, "mid");
   }
   // Cluster of 8 over long rows, large and small k.
-  test_topk_case(DType::kFloat32, 2, 40000, 2000, 255, false, 5, "cluster-large-k");
-  test_topk_case(DType::kBFloat16, 2, 40000, 16, 4, true, 6, "cluster-small-k-ties");
+  test_select_topk_case(DType::kFloat32, 2, 40000, 2000, 255, false, 5, "cluster-large-k");
+  test_select_topk_case(DType::kBFloat16, 2, 40000, 16, 4, true, 6, "cluster-small-k-ties");
   // Without clusters (pre-sm_90), and without the shared-memory key cache.
   emu::device_props().major = 8;
-  test_topk_case(DType::kFloat32, 4, 9000, 700, 255, true, 7, "no-cluster");
+  test_select_topk_case(DType::kFloat32, 4, 9000, 700, 255, true, 7, "no-cluster");
   emu::device_props().major = 9;
   const int saved = emu::device_props().max_smem_optin;
   emu::device_props().max_smem_optin = 40 * 1024;
-  test_topk_case(DType::kFloat16, 2, 30000, 900, 255, true, 8, "uncached");
+  test_select_topk_case(DType::kFloat16, 2, 30000, 900, 255, true, 8, "uncached");
   emu::device_props().max_smem_optin = saved;
   // Many rows: one block per row.
-  if (!g_quick) test_topk_case(DType::kFloat32, 300, 700, 40, 255, true, 9, "many-rows");
-  test_topk_small_k();
+  if (!g_quick) test_select_topk_case(DType::kFloat32, 300, 700, 40, 255, true, 9, "many-rows");
+  test_select_topk_small_k();
 }
 
 // ---------------------------------------------------------------------------
@@ -394,7 +395,7 @@ void test_topk() {
 // ---------------------------------------------------------------------------
 
 void test_sample_case(int64_t rows, int64_t heavy_max, int64_t max_out, uint64_t seed,
-                      int64_t offset, uint32_t stream, uint32_t case_seed) {
+                      int64_t offset, uint32_t draw_set, uint32_t case_seed) {
   std::mt19937 rng(case_seed);
   std::vector<int32_t> starts(rows), ends(rows), num_samples(rows);
   std::vector<int32_t> heavy(size_t(rows * heavy_max), -1);
@@ -426,7 +427,7 @@ void test_sample_case(int64_t rows, int64_t heavy_max, int64_t max_out, uint64_t
   p.rng = rng_state;
   p.rows = rows;
   p.max_out = max_out;
-  p.stream = stream;
+  p.draw_set = draw_set;
   std::vector<int32_t> ri(size_t(rows * max_out)), gi(size_t(rows * max_out)), rc(rows), gc(rows);
   std::vector<float> rw(size_t(rows * max_out)), gw(size_t(rows * max_out));
   p.indices = ri.data();
@@ -445,10 +446,10 @@ void test_sample_case(int64_t rows, int64_t heavy_max, int64_t max_out, uint64_t
     if (!both_inf && std::fabs(rw[i] - gw[i]) > 2e-7f * std::max(1.f, std::fabs(rw[i]))) ++bad_w;
   }
   EXPECT(bad_cnt == 0 && bad_idx == 0 && bad_w == 0,
-         "sample rows=%lld heavy=%lld max_out=%lld seed=%llu off=%lld stream=%u: counts %lld "
+         "sample rows=%lld heavy=%lld max_out=%lld seed=%llu off=%lld draw_set=%u: counts %lld "
          "indices %lld weights %lld mismatches",
          (long long)rows, (long long)heavy_max, (long long)max_out, (unsigned long long)seed,
-         (long long)offset, stream, (long long)bad_cnt, (long long)bad_idx, (long long)bad_w);
+         (long long)offset, draw_set, (long long)bad_cnt, (long long)bad_idx, (long long)bad_w);
 }
 
 void test_sample() {
@@ -456,9 +457,9 @@ void test_sample() {
   const int64_t offsets[] = {0, 3, (1 << 30) - 1, 77};
   uint32_t cs = 100;
   for (int s = 0; s < 4; ++s) {
-    for (uint32_t stream = 0; stream < 2; ++stream) {
+    for (uint32_t draw_set = 0; draw_set < 2; ++draw_set) {
       for (int64_t max_out : {int64_t(0), int64_t(5), int64_t(64)}) {
-        test_sample_case(48, 24, max_out, seeds[s], offsets[s], stream, cs++);
+        test_sample_case(48, 24, max_out, seeds[s], offsets[s], draw_set, cs++);
       }
     }
   }

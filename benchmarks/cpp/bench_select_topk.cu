@@ -1,21 +1,21 @@
-// Benchmark of the CUDA top-k (vattention::topk_cuda) against nothing but the
+// Benchmark of the CUDA top-k (vattention::select_topk_cuda) against nothing but the
 // bytes it must read: time and GB/s of scores read, for rows x length scores with
 // a large k (5% of 131072 = 6553: the radix-select path) and a small k (the
 // warp-select path, k_max <= kWarpSelectMaxK = 256). To compare the two paths at
 // one k, the *_radix cases ask for the same k with k_max = kWarpSelectMaxK + 1,
 // which takes the radix path (the extra output slots are -1): small_k vs
 // small_k_radix and cutoff_k (k = 256) vs cutoff_k_radix. Each case is also checked
-// against topk_cpu (exact equality) unless --no-check.
+// against select_topk_cpu (exact equality) unless --no-check.
 //
-//   bench_topk [--rows 32] [--length 131072] [--k 6553] [--small-k 64]
+//   bench_select_topk [--rows 32] [--length 131072] [--k 6553] [--small-k 64]
 //              [--dtype f32|f16|bf16] [--iters 50] [--tiny] [--no-check] [--json out.json]
 // --tiny: a few small rows and iterations (for compute-sanitizer runs).
 #include <cmath>
 #include <random>
 
 #include "bench_common.h"
-#include "vattention/select.h"
-#include "vattention/warp_select_cuda.cuh"  // kWarpSelectMaxK: the dispatch cutoff
+#include "vattention/select_topk.h"
+#include "vattention/select_topk_warp_cuda.cuh"  // kWarpSelectMaxK: the dispatch cutoff
 
 using namespace vattention;
 
@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   BENCH_CHECK(cudaMemcpy(d_ends, ends.data(), rows * sizeof(int32_t), cudaMemcpyHostToDevice));
 
   bench::Json top;
-  top.field("benchmark", "topk");
+  top.field("benchmark", "select_topk");
   top.field("device", bench::device_name());
   top.field("rows", (long long)rows);
   top.field("length", (long long)length);
@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
     const char* path = c.k_max <= kCutoff ? "warp" : "radix";
     std::vector<int32_t> ks(rows, int32_t(c.k));
     BENCH_CHECK(cudaMemcpy(d_ks, ks.data(), rows * sizeof(int32_t), cudaMemcpyHostToDevice));
-    TopkParams p{};
+    SelectTopkParams p{};
     p.scores = d_scores;
     p.score_row_stride = length;
     p.starts = d_starts;
@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
     p.length = length;
     p.k_max = c.k_max;
     p.dtype = dtype;
-    auto run = [&] { BENCH_CHECK(topk_cuda(p, nullptr, nullptr)); };
+    auto run = [&] { BENCH_CHECK(select_topk_cuda(p, nullptr, nullptr)); };
     const double ms = bench::time_ms(run, iters);
     const double ms_batched = bench::time_ms_batched(run, iters);
     const double bytes = double(rows) * double(length) * double(elem);
@@ -132,17 +132,17 @@ int main(int argc, char** argv) {
     if (check) {
       std::vector<int32_t> got(size_t(rows * c.k_max)), ref(size_t(rows * c.k_max));
       BENCH_CHECK(cudaMemcpy(got.data(), d_out, got.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
-      TopkParams h = p;
+      SelectTopkParams h = p;
       h.scores = host.data();
       h.starts = starts.data();
       h.ends = ends.data();
       h.ks = ks.data();
       h.indices = ref.data();
-      topk_cpu(h, 0, rows);
+      select_topk_cpu(h, 0, rows);
       status = got == ref ? "pass" : "FAIL";
       all_ok = all_ok && got == ref;
     }
-    std::printf("topk %-14s rows=%lld length=%lld k=%lld k_max=%lld (%s) %s: %.4f ms (median), "
+    std::printf("select_topk %-14s rows=%lld length=%lld k=%lld k_max=%lld (%s) %s: %.4f ms (median), "
                 "%.4f ms (back-to-back), %.1f GB/s of scores, check %s\n",
                 c.name, (long long)rows, (long long)length, (long long)c.k, (long long)c.k_max, path,
                 dtype_name.c_str(), ms, ms_batched, gbps, status.c_str());

@@ -2,18 +2,18 @@
 #include <utility>
 #include <vector>
 
-#include "select.h"
+#include "select_topk.h"
 
 namespace vattention {
 namespace {
 
 template <typename T>
-void topk_rows(const TopkParams& p, int64_t row_begin, int64_t row_end) {
+void select_topk_rows(const SelectTopkParams& p, int64_t row_begin, int64_t row_end) {
   std::vector<std::pair<uint32_t, int32_t>> candidates;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
     int32_t* out = p.indices + r * p.k_max;
-    const TopkRow window = topk_row(p, r);
+    const SelectTopkRow window = select_topk_row(p, r);
     const int64_t k = window.k;
 
     candidates.clear();
@@ -37,11 +37,11 @@ void topk_rows(const TopkParams& p, int64_t row_begin, int64_t row_end) {
 
 }  // namespace
 
-void topk_cpu(const TopkParams& p, int64_t row_begin, int64_t row_end) {
+void select_topk_cpu(const SelectTopkParams& p, int64_t row_begin, int64_t row_end) {
   switch (p.dtype) {
-    case DType::kFloat32: topk_rows<float>(p, row_begin, row_end); break;
-    case DType::kFloat16: topk_rows<half_t>(p, row_begin, row_end); break;
-    case DType::kBFloat16: topk_rows<bfloat16_t>(p, row_begin, row_end); break;
+    case DType::kFloat32: select_topk_rows<float>(p, row_begin, row_end); break;
+    case DType::kFloat16: select_topk_rows<half_t>(p, row_begin, row_end); break;
+    case DType::kBFloat16: select_topk_rows<bfloat16_t>(p, row_begin, row_end); break;
   }
 }
 

@@ -1,7 +1,7 @@
-// CUDA top-k (stage "select"), reproducing topk_cpu exactly. Two paths:
+// CUDA top-k (stage "select"), reproducing select_topk_cpu exactly. Two paths:
 //
 // Small k (k_max <= kWarpSelectMaxK = 256): warp select, in the spirit of FAISS's
-// WarpSelect (warp_select_cuda.cuh). Candidates are 64-bit composites
+// WarpSelect (select_topk_warp_cuda.cuh). Candidates are 64-bit composites
 // (key << 32 | ~position), so one integer order is (key desc, position asc).
 // Each warp streams its share of the row and keeps, in registers, a sorted queue
 // of its best Q = 32 * R candidates (Q = 32, 64, 128 or 256: the next power of two
@@ -34,29 +34,29 @@
 #include <algorithm>
 
 #include "cuda_utils.cuh"
-#include "select.h"
-#include "warp_select_cuda.cuh"
+#include "select_topk.h"
+#include "select_topk_warp_cuda.cuh"
 
 namespace vattention {
 namespace {
 
 using namespace cuda_detail;
 
-constexpr int kTopkThreads = 512;
-constexpr int kTopkWarps = kTopkThreads / 32;
+constexpr int kSelectTopkThreads = 512;
+constexpr int kSelectTopkWarps = kSelectTopkThreads / 32;
 constexpr int kMaxCluster = 8;
 constexpr int kBins = 2048;  // widest digit: 11 bits
-constexpr int kBinsPerThread = kBins / kTopkThreads;
+constexpr int kBinsPerThread = kBins / kSelectTopkThreads;
 constexpr int kLoadUnroll = 8;
 constexpr int64_t kMinChunk = 4096;             // do not split rows finer than this
 constexpr int64_t kMaxCachedBytes = 160 * 1024;  // key cache per block
 
 // Shared state of a block; the key cache follows it in dynamic shared memory.
-struct TopkShared {
+struct SelectTopkShared {
   uint32_t hist[2][kBins];
-  uint32_t scan[kTopkWarps];
-  uint32_t warp_gt[kTopkWarps];
-  uint32_t warp_eq[kTopkWarps];
+  uint32_t scan[kSelectTopkWarps];
+  uint32_t warp_gt[kSelectTopkWarps];
+  uint32_t warp_eq[kSelectTopkWarps];
   uint32_t block_gt;  // this block's count of keys > T (read by later ranks)
   uint32_t block_eq;  // ... and of keys == T
   uint32_t base_gt;   // counts of the earlier ranks
@@ -66,7 +66,7 @@ struct TopkShared {
 };
 
 // The blocks of a cluster, or a lone block. Rank = blockIdx.x (cluster dims (C,1,1)).
-constexpr int kSharedBytes = int((sizeof(TopkShared) + 15) / 16 * 16);
+constexpr int kSharedBytes = int((sizeof(SelectTopkShared) + 15) / 16 * 16);
 
 struct Cluster {
   int size;
@@ -107,7 +107,7 @@ struct KeySource {
   }
 };
 
-// Exclusive prefix sum over the block (kTopkThreads threads).
+// Exclusive prefix sum over the block (kSelectTopkThreads threads).
 __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t x, uint32_t* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t inclusive = x;
@@ -127,7 +127,7 @@ __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t x, uint32_t* wa
 // Sums the per-block histograms of buffer `buf` over the cluster, finds the bin
 // holding the k_rem-th largest key (bins of `nbins`, highest first) and returns
 // the digit; *k_rem becomes the rank inside that bin.
-__device__ __forceinline__ uint32_t pick_digit(TopkShared& sh, const Cluster& cl, int buf,
+__device__ __forceinline__ uint32_t pick_digit(SelectTopkShared& sh, const Cluster& cl, int buf,
                                                int nbins, uint32_t* k_rem) {
   cl.sync();  // every block's histogram is complete
   const int tid = threadIdx.x;
@@ -164,7 +164,7 @@ __device__ __forceinline__ uint32_t pick_digit(TopkShared& sh, const Cluster& cl
 // entries and, when k covers the whole window, the window itself in order. The
 // cluster's threads write every `stride`-th entry from `first`. True when the row
 // is complete.
-__device__ __forceinline__ bool write_unselected(const TopkRow& row, int32_t* out, int64_t k_max,
+__device__ __forceinline__ bool write_unselected(const SelectTopkRow& row, int32_t* out, int64_t k_max,
                                                  int64_t first, int64_t stride) {
   for (int64_t j = row.k + first; j < k_max; j += stride) out[j] = -1;
   if (row.k == 0) return true;
@@ -174,45 +174,45 @@ __device__ __forceinline__ bool write_unselected(const TopkRow& row, int32_t* ou
 }
 
 template <typename T, bool kCached>
-__global__ void __launch_bounds__(kTopkThreads)
-topk_kernel(const TopkParams p, const int cluster_size) {
+__global__ void __launch_bounds__(kSelectTopkThreads)
+select_topk_kernel(const SelectTopkParams p, const int cluster_size) {
   unsigned char* smem = dynamic_smem();
-  TopkShared& sh = *reinterpret_cast<TopkShared*>(smem);
-  uint32_t* topk_key_cache = reinterpret_cast<uint32_t*>(smem + kSharedBytes);
+  SelectTopkShared& sh = *reinterpret_cast<SelectTopkShared*>(smem);
+  uint32_t* select_topk_key_cache = reinterpret_cast<uint32_t*>(smem + kSharedBytes);
   const Cluster cl{cluster_size, int(blockIdx.x)};
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int64_t cluster_threads = int64_t(cl.size) * kTopkThreads;
+  const int64_t cluster_threads = int64_t(cl.size) * kSelectTopkThreads;
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
     int32_t* out = p.indices + r * p.k_max;
-    const TopkRow window = topk_row(p, r);
+    const SelectTopkRow window = select_topk_row(p, r);
     const int64_t start = window.start, end = window.end, avail = window.available;
     const int64_t k = window.k;
-    const int64_t first = int64_t(cl.rank) * kTopkThreads + tid;
+    const int64_t first = int64_t(cl.rank) * kSelectTopkThreads + tid;
     if (write_unselected(window, out, p.k_max, first, cluster_threads)) continue;
 
     const int64_t chunk = ceil_div(avail, cl.size);
     const int64_t lo = start + int64_t(cl.rank) * chunk;
     const int64_t n = max(min(end - lo, chunk), int64_t(0));
-    const KeySource<T, kCached> key{row, lo, topk_key_cache};
+    const KeySource<T, kCached> key{row, lo, select_topk_key_cache};
 
     // Pass 0 (bits 31..21), fused with loading the keys into the cache.
-    for (int b = tid; b < kBins; b += kTopkThreads) sh.hist[0][b] = 0;
+    for (int b = tid; b < kBins; b += kSelectTopkThreads) sh.hist[0][b] = 0;
     __syncthreads();
-    for (int64_t base = 0; base < n; base += int64_t(kLoadUnroll) * kTopkThreads) {
+    for (int64_t base = 0; base < n; base += int64_t(kLoadUnroll) * kSelectTopkThreads) {
       uint32_t keys[kLoadUnroll];
 #pragma unroll
       for (int u = 0; u < kLoadUnroll; ++u) {
-        const int64_t i = base + int64_t(u) * kTopkThreads + tid;
+        const int64_t i = base + int64_t(u) * kSelectTopkThreads + tid;
         keys[u] = i < n ? key_at(row, lo + i) : 0u;
       }
 #pragma unroll
       for (int u = 0; u < kLoadUnroll; ++u) {
-        const int64_t i = base + int64_t(u) * kTopkThreads + tid;
+        const int64_t i = base + int64_t(u) * kSelectTopkThreads + tid;
         if (i < n) {
-          if (kCached) topk_key_cache[i] = keys[u];
+          if (kCached) select_topk_key_cache[i] = keys[u];
           atomicAdd(&sh.hist[0][keys[u] >> 21], 1u);
         }
       }
@@ -227,9 +227,9 @@ topk_kernel(const TopkParams p, const int cluster_size) {
       const int buf = pass & 1;
       const int shift = pass == 1 ? 10 : 0;
       const int nbins = pass == 1 ? 2048 : 1024;
-      for (int b = tid; b < kBins; b += kTopkThreads) sh.hist[buf][b] = 0;
+      for (int b = tid; b < kBins; b += kSelectTopkThreads) sh.hist[buf][b] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kTopkThreads) {
+      for (int64_t i = tid; i < n; i += kSelectTopkThreads) {
         const uint32_t x = key(i);
         if ((x & mask) == prefix) atomicAdd(&sh.hist[buf][(x >> shift) & uint32_t(nbins - 1)], 1u);
       }
@@ -241,7 +241,7 @@ topk_kernel(const TopkParams p, const int cluster_size) {
 
     // This block's counts, then the counts of the blocks before it.
     uint32_t gt = 0, eq = 0;
-    for (int64_t i = tid; i < n; i += kTopkThreads) {
+    for (int64_t i = tid; i < n; i += kSelectTopkThreads) {
       const uint32_t x = key(i);
       gt += x > kth;
       eq += x == kth;
@@ -258,7 +258,7 @@ topk_kernel(const TopkParams p, const int cluster_size) {
     __syncthreads();
     if (tid == 0) {
       uint32_t tg = 0, te = 0;
-      for (int w = 0; w < kTopkWarps; ++w) {
+      for (int w = 0; w < kSelectTopkWarps; ++w) {
         tg += sh.warp_gt[w];
         te += sh.warp_eq[w];
       }
@@ -280,7 +280,7 @@ topk_kernel(const TopkParams p, const int cluster_size) {
 
     // Ordered compaction, one block-wide tile at a time.
     const uint32_t lanes_below = (1u << lane) - 1u;
-    for (int64_t base = 0; base < n; base += kTopkThreads) {
+    for (int64_t base = 0; base < n; base += kSelectTopkThreads) {
       const int64_t i = base + tid;
       const bool valid = i < n;
       const uint32_t x = valid ? key(i) : 0u;
@@ -295,7 +295,7 @@ topk_kernel(const TopkParams p, const int cluster_size) {
       __syncthreads();
       uint32_t before_gt = 0, before_eq = 0, tile_gt = 0, tile_eq = 0;
 #pragma unroll
-      for (int w = 0; w < kTopkWarps; ++w) {
+      for (int w = 0; w < kSelectTopkWarps; ++w) {
         const uint32_t a = sh.warp_gt[w], e = sh.warp_eq[w];
         if (w < warp) {
           before_gt += a;
@@ -319,20 +319,20 @@ topk_kernel(const TopkParams p, const int cluster_size) {
 }
 
 template <typename T, bool kCached>
-cudaError_t launch_topk(const TopkParams& p, int cluster, int cache_bytes, const DeviceInfo& dev,
+cudaError_t launch_select_topk(const SelectTopkParams& p, int cluster, int cache_bytes, const DeviceInfo& dev,
                         cudaStream_t stream) {
   static std::atomic<int> smem_set[kMaxDevices];
-  auto kernel = topk_kernel<T, kCached>;
+  auto kernel = select_topk_kernel<T, kCached>;
   const int smem = kSharedBytes + cache_bytes;
   cudaError_t err = ensure_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, dev.device,
                                         smem_set);
   if (err != cudaSuccess) return err;
   const dim3 grid{unsigned(cluster), unsigned(std::min<int64_t>(p.rows, 65535)), 1u};
-  return launch_kernel(kernel, grid, dim3(kTopkThreads), size_t(smem), stream, cluster, p, cluster);
+  return launch_kernel(kernel, grid, dim3(kSelectTopkThreads), size_t(smem), stream, cluster, p, cluster);
 }
 
 template <typename T>
-cudaError_t topk_dispatch(const TopkParams& p, cudaStream_t stream) {
+cudaError_t select_topk_dispatch(const SelectTopkParams& p, cudaStream_t stream) {
   DeviceInfo dev;
   cudaError_t err = current_device_info(&dev);
   if (err != cudaSuccess) return err;
@@ -346,8 +346,8 @@ cudaError_t topk_dispatch(const TopkParams& p, cudaStream_t stream) {
     const int64_t cache_bytes = ceil_div(p.length, cluster) * int64_t(sizeof(uint32_t));
     const int64_t limit =
         std::min<int64_t>(kMaxCachedBytes, int64_t(dev.max_smem_optin) - kSharedBytes - 1024);
-    err = cache_bytes <= limit ? launch_topk<T, true>(p, cluster, int(cache_bytes), dev, stream)
-                               : launch_topk<T, false>(p, cluster, 0, dev, stream);
+    err = cache_bytes <= limit ? launch_select_topk<T, true>(p, cluster, int(cache_bytes), dev, stream)
+                               : launch_select_topk<T, false>(p, cluster, 0, dev, stream);
     if (err == cudaSuccess || cluster == 1) return err;
     // A cluster launch that the device cannot schedule: fall back to one block per row.
     (void)cudaGetLastError();
@@ -356,23 +356,23 @@ cudaError_t topk_dispatch(const TopkParams& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------
-// Small k: warp select (see the top of the file and warp_select_cuda.cuh).
+// Small k: warp select (see the top of the file and select_topk_warp_cuda.cuh).
 // ---------------------------------------------------------------------------
 
-constexpr int kWarpTopkThreads = 256;
-constexpr int kWarpTopkWarps = kWarpTopkThreads / 32;  // >= kMaxCluster (cluster merge)
-constexpr int kWarpTopkLoad = 4;   // scores per lane per tile, loaded together
-constexpr int kWarpTopkSlots = 8;  // pending candidates per lane
-static_assert(kWarpTopkWarps >= kMaxCluster, "the cluster merge uses one warp per block");
-static_assert(kWarpTopkLoad <= kWarpTopkSlots, "a tile must fit in the pending slots");
+constexpr int kSelectTopkWarpThreads = 256;
+constexpr int kSelectTopkWarpWarps = kSelectTopkWarpThreads / 32;  // >= kMaxCluster (cluster merge)
+constexpr int kSelectTopkWarpLoad = 4;   // scores per lane per tile, loaded together
+constexpr int kSelectTopkWarpSlots = 8;  // pending candidates per lane
+static_assert(kSelectTopkWarpWarps >= kMaxCluster, "the cluster merge uses one warp per block");
+static_assert(kSelectTopkWarpLoad <= kSelectTopkWarpSlots, "a tile must fit in the pending slots");
 
 template <typename T>
 __device__ __forceinline__ void load_key_tile(const void* scores, int64_t row_offset, int64_t lo,
                                               int64_t n, int64_t i0,
-                                              uint32_t (&keys)[kWarpTopkLoad]) {
+                                              uint32_t (&keys)[kSelectTopkWarpLoad]) {
   const T* row = static_cast<const T*>(scores) + row_offset;
 #pragma unroll
-  for (int u = 0; u < kWarpTopkLoad; ++u) {
+  for (int u = 0; u < kSelectTopkWarpLoad; ++u) {
     const int64_t i = i0 + int64_t(u) * 32;
     keys[u] = i < n ? key_at(row, lo + i) : 0u;
   }
@@ -383,21 +383,21 @@ __device__ __forceinline__ void load_key_tile(const void* scores, int64_t row_of
 // parameter, which keeps this path at four kernels. (The explicit minimum of 2
 // blocks per SM caps registers at 128; without it ptxas spilled at R = 1, 2.)
 template <int R>
-__global__ void __launch_bounds__(kWarpTopkThreads, 2)
-warp_topk_kernel(const TopkParams p, const int cluster_size) {
+__global__ void __launch_bounds__(kSelectTopkWarpThreads, 2)
+select_topk_warp_kernel(const SelectTopkParams p, const int cluster_size) {
   using namespace warp_select;
-  Pair* slots = reinterpret_cast<Pair*>(dynamic_smem());  // [kWarpTopkWarps][32 * R]
+  Pair* slots = reinterpret_cast<Pair*>(dynamic_smem());  // [kSelectTopkWarpWarps][32 * R]
   const Cluster cl{cluster_size, int(blockIdx.x)};
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int64_t cluster_threads = int64_t(cl.size) * kWarpTopkThreads;
+  const int64_t cluster_threads = int64_t(cl.size) * kSelectTopkWarpThreads;
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     int32_t* out = p.indices + r * p.k_max;
-    const TopkRow window = topk_row(p, r);
+    const SelectTopkRow window = select_topk_row(p, r);
     const int64_t start = window.start, end = window.end, avail = window.available;
     const int64_t k = window.k;  // <= 32 * R
-    const int64_t first = int64_t(cl.rank) * kWarpTopkThreads + tid;
+    const int64_t first = int64_t(cl.rank) * kSelectTopkWarpThreads + tid;
     if (write_unselected(window, out, p.k_max, first, cluster_threads)) continue;
 
     const int64_t chunk = ceil_div(avail, cl.size);
@@ -405,39 +405,39 @@ warp_topk_kernel(const TopkParams p, const int cluster_size) {
     const int64_t n = max(min(end - lo, chunk), int64_t(0));
     const int64_t row_offset = r * p.score_row_stride;
 
-    // Stream this block's chunk: tiles of kWarpTopkThreads * kWarpTopkLoad scores,
-    // each warp taking kWarpTopkLoad coalesced runs of 32. The next tile's loads
+    // Stream this block's chunk: tiles of kSelectTopkWarpThreads * kSelectTopkWarpLoad scores,
+    // each warp taking kSelectTopkWarpLoad coalesced runs of 32. The next tile's loads
     // are issued before the current tile is offered to the queue.
-    WarpQueue<R, kWarpTopkSlots> queue;
+    WarpQueue<R, kSelectTopkWarpSlots> queue;
     queue.init(int(k));
-    constexpr int64_t kTile = int64_t(kWarpTopkThreads) * kWarpTopkLoad;
-    const int64_t lane_first = int64_t(warp) * (32 * kWarpTopkLoad) + lane;
-    auto load_tile = [&](int64_t i0, uint32_t(&keys)[kWarpTopkLoad]) {
+    constexpr int64_t kTile = int64_t(kSelectTopkWarpThreads) * kSelectTopkWarpLoad;
+    const int64_t lane_first = int64_t(warp) * (32 * kSelectTopkWarpLoad) + lane;
+    auto load_tile = [&](int64_t i0, uint32_t(&keys)[kSelectTopkWarpLoad]) {
       switch (p.dtype) {
         case DType::kFloat32: load_key_tile<float>(p.scores, row_offset, lo, n, i0, keys); break;
         case DType::kFloat16: load_key_tile<half_t>(p.scores, row_offset, lo, n, i0, keys); break;
         default: load_key_tile<bfloat16_t>(p.scores, row_offset, lo, n, i0, keys); break;
       }
     };
-    uint32_t keys[kWarpTopkLoad];
+    uint32_t keys[kSelectTopkWarpLoad];
     load_tile(lane_first, keys);
     for (int64_t base = 0; base < n; base += kTile) {
       const int64_t i0 = base + lane_first;
-      uint32_t next[kWarpTopkLoad];
+      uint32_t next[kSelectTopkWarpLoad];
       load_tile(i0 + kTile, next);
 #pragma unroll
-      for (int u = 0; u < kWarpTopkLoad; ++u) {
+      for (int u = 0; u < kSelectTopkWarpLoad; ++u) {
         const int64_t i = i0 + int64_t(u) * 32;
         queue.offer(i < n ? make_pair(keys[u], lo + i) : Pair(0));
       }
-      queue.maybe_flush(kWarpTopkLoad, lane);
+      queue.maybe_flush(kSelectTopkWarpLoad, lane);
 #pragma unroll
-      for (int u = 0; u < kWarpTopkLoad; ++u) keys[u] = next[u];
+      for (int u = 0; u < kSelectTopkWarpLoad; ++u) keys[u] = next[u];
     }
     queue.flush(lane);
 
     // The block's best 32 * R, in warp 0.
-    block_merge(queue.queue, slots, kWarpTopkWarps, warp, lane);
+    block_merge(queue.queue, slots, kSelectTopkWarpWarps, warp, lane);
     if (cl.size > 1) {
       // Warp w of rank 0 fetches the list of rank w; rank 0 then merges them.
       if (warp == 0) store_list(slots, queue.queue, lane);
@@ -468,9 +468,9 @@ warp_topk_kernel(const TopkParams p, const int cluster_size) {
 }
 
 template <int R>
-cudaError_t launch_warp_topk(const TopkParams& p, const DeviceInfo& dev, cudaStream_t stream) {
-  auto kernel = warp_topk_kernel<R>;
-  const int smem = kWarpTopkWarps * 32 * R * int(sizeof(warp_select::Pair));  // <= 16 KiB
+cudaError_t launch_select_topk_warp(const SelectTopkParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  auto kernel = select_topk_warp_kernel<R>;
+  const int smem = kSelectTopkWarpWarps * 32 * R * int(sizeof(warp_select::Pair));  // <= 16 KiB
   int cluster = 1;
   if (dev.major >= 9) {
     const int64_t to_fill = ceil_div(4 * int64_t(dev.num_sms), p.rows);
@@ -479,7 +479,7 @@ cudaError_t launch_warp_topk(const TopkParams& p, const DeviceInfo& dev, cudaStr
   }
   for (;;) {
     const dim3 grid{unsigned(cluster), unsigned(std::min<int64_t>(p.rows, 65535)), 1u};
-    const cudaError_t err = launch_kernel(kernel, grid, dim3(kWarpTopkThreads), size_t(smem),
+    const cudaError_t err = launch_kernel(kernel, grid, dim3(kSelectTopkWarpThreads), size_t(smem),
                                           stream, cluster, p, cluster);
     if (err == cudaSuccess || cluster == 1) return err;
     // A cluster launch that the device cannot schedule: fall back to one block per row.
@@ -488,29 +488,29 @@ cudaError_t launch_warp_topk(const TopkParams& p, const DeviceInfo& dev, cudaStr
   }
 }
 
-cudaError_t warp_topk_dispatch(const TopkParams& p, cudaStream_t stream) {
+cudaError_t select_topk_warp_dispatch(const SelectTopkParams& p, cudaStream_t stream) {
   DeviceInfo dev;
   const cudaError_t err = current_device_info(&dev);
   if (err != cudaSuccess) return err;
-  if (p.k_max <= 32) return launch_warp_topk<1>(p, dev, stream);
-  if (p.k_max <= 64) return launch_warp_topk<2>(p, dev, stream);
-  if (p.k_max <= 128) return launch_warp_topk<4>(p, dev, stream);
-  return launch_warp_topk<8>(p, dev, stream);
+  if (p.k_max <= 32) return launch_select_topk_warp<1>(p, dev, stream);
+  if (p.k_max <= 64) return launch_select_topk_warp<2>(p, dev, stream);
+  if (p.k_max <= 128) return launch_select_topk_warp<4>(p, dev, stream);
+  return launch_select_topk_warp<8>(p, dev, stream);
 }
 
 }  // namespace
 
 // Both paths work in shared memory only (a row that needs several blocks uses a
 // cluster, not a second pass through global memory).
-size_t topk_cuda_workspace_bytes(const TopkParams&) { return 0; }
+size_t select_topk_cuda_workspace_bytes(const SelectTopkParams&) { return 0; }
 
-cudaError_t topk_cuda(const TopkParams& p, void* /*workspace*/, cudaStream_t stream) {
+cudaError_t select_topk_cuda(const SelectTopkParams& p, void* /*workspace*/, cudaStream_t stream) {
   if (p.rows <= 0 || p.k_max <= 0) return cudaSuccess;
-  if (p.k_max <= kWarpSelectMaxK) return warp_topk_dispatch(p, stream);
+  if (p.k_max <= kWarpSelectMaxK) return select_topk_warp_dispatch(p, stream);
   switch (p.dtype) {
-    case DType::kFloat32: return topk_dispatch<float>(p, stream);
-    case DType::kFloat16: return topk_dispatch<half_t>(p, stream);
-    case DType::kBFloat16: return topk_dispatch<bfloat16_t>(p, stream);
+    case DType::kFloat32: return select_topk_dispatch<float>(p, stream);
+    case DType::kFloat16: return select_topk_dispatch<half_t>(p, stream);
+    case DType::kBFloat16: return select_topk_dispatch<bfloat16_t>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,9 +1,9 @@
-// Private to select_cuda.cu: the warp-level pieces of the small-k top-k path, in
+// Private to select_topk_cuda.cu: the warp-level pieces of the small-k top-k path, in
 // the spirit of FAISS's WarpSelect.
 //
 // Candidates are 64-bit composites (key << 32) | ~position: the integer order of
 // composites is (key descending, position ascending) when compared as "larger is
-// better", i.e. exactly topk_cpu's order (ties -> lower position, NaN lowest via
+// better", i.e. exactly select_topk_cpu's order (ties -> lower position, NaN lowest via
 // orderable_key). 0 is the empty slot: it is below every real candidate, since a
 // real position p < 2^31 has ~p >= 2^31.
 //
