@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "attention_params.h"
+#include "dispatch.h"
 
 namespace vattention {
 
@@ -32,15 +33,5 @@ struct KVRowsCpu {
   }
   bool valid(int32_t row) const { return row >= 0 && row < p.length; }
 };
-
-// Calls fn.template operator()<T>() with T the storage type of dtype.
-template <typename Fn>
-void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat16: fn(half_t{}); break;
-    case DType::kBFloat16: fn(bfloat16_t{}); break;
-  }
-}
 
 }  // namespace vattention
