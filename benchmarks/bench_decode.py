@@ -3,6 +3,11 @@
     python benchmarks/bench_decode.py                       # GPU: contexts 8K-128K, batch 1-16
     python benchmarks/bench_decode.py --quick --device cpu  # smoke run
 
+The default sweep (bf16, 32 query / 8 KV heads, D=128) includes batch 16 at 128K, where the
+top-k's uncached path and the split balance of the attention kernel show. Each row also
+times the stages of one decode step apart (select_scores, select_topk, attend, pilot,
+budget, sample, combine; CUDA events around each, so their sum exceeds the step's time by
+the events' overhead) and select_scores on its own (the op that reads all of K).
 Prints a table, writes JSON (--json) and a PNG of speedup over dense vs context (--plot).
 Times are medians of CUDA-event timings on the named device; compare ratios, not
 absolute times, across machines. The inputs are synthetic heads with moderately
@@ -24,21 +29,26 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vattention  # noqa: E402
 from naive_decode import naive_decode  # noqa: E402
+from vattention.select import select_scores  # noqa: E402
 
 
 def make_inputs(batch, q_heads, kv_heads, length, dim, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = 2.5 * torch.randn(batch, q_heads, dim, generator=g)
-    k = torch.randn(batch, kv_heads, length, dim, generator=g)
+    # Drawn on the device, in the benchmark's dtype: at batch 16 and 128K, K and V are 2G
+    # elements each, minutes of CPU time and 17 GB of fp32 host memory otherwise.
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = 2.5 * torch.randn(batch, q_heads, dim, generator=g, device=device)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g, device=device, dtype=dtype)
     # A few keys aligned with the group's queries: the heavy hitters real heads have.
-    spikes = torch.randint(0, length, (batch, kv_heads, max(1, length // 500)), generator=g)
+    spikes = torch.randint(0, length, (batch, kv_heads, max(1, length // 500)), generator=g,
+                           device=device)
     group_q = q.view(batch, kv_heads, -1, dim).mean(2, keepdim=True)
     k.scatter_(2, spikes[..., None].expand(-1, -1, -1, dim),
                (3.0 * group_q / group_q.norm(dim=-1, keepdim=True) * math.sqrt(dim))
-               .expand(-1, -1, spikes.shape[-1], -1))
-    mean = torch.randn(batch, kv_heads, 1, dim, generator=g)
-    v = mean + 0.5 * torch.randn(batch, kv_heads, length, dim, generator=g)
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+               .expand(-1, -1, spikes.shape[-1], -1).to(dtype))
+    mean = torch.randn(batch, kv_heads, 1, dim, generator=g, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, length, dim, generator=g, device=device, dtype=dtype)
+    v.mul_(0.5).add_(mean)
+    return q.to(dtype), k, v
 
 
 class Timer:
@@ -121,6 +131,10 @@ def run(args):
             naive = timer(lambda: naive_decode(q, k, v, epsilon=args.epsilon, delta=args.delta,
                                                heavy=args.heavy, base_rate=args.base_rate),
                           args.repeats)
+            lengths = torch.full((batch,), length, dtype=torch.int64, device=device)
+            scale = 1.0 / math.sqrt(args.dim)
+            select_ms = timer(lambda: select_scores(q, k, lengths, scale, cfg.share_gqa),
+                              args.repeats)
             stages = StageTimes(device)
             for _ in range(args.repeats):
                 vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages)
@@ -134,6 +148,7 @@ def run(args):
                 "batch": batch, "context": length, "q_heads": args.q_heads,
                 "kv_heads": args.kv_heads, "head_dim": args.dim, "dtype": args.dtype,
                 "dense_ms": dense, "vattention_ms": sparse, "naive_ms": naive,
+                "select_scores_ms": select_ms,
                 "speedup_vs_dense": dense / sparse, "speedup_vs_naive": naive / sparse,
                 "dense_bandwidth_tbs": kv_bytes / dense / 1e9,
                 "density": float(stats["density"].float().mean()),
@@ -143,7 +158,8 @@ def run(args):
             print(f"B={batch:3d} N={length:7d}  dense {dense:8.3f} ms  vattention {sparse:8.3f} ms"
                   f"  naive {naive:8.3f} ms  x{r['speedup_vs_dense']:.2f} vs dense"
                   f"  x{r['speedup_vs_naive']:.2f} vs naive  density {r['density']:.3f}"
-                  f"  max err {r['max_rel_error']:.4f}", flush=True)
+                  f"  max err {r['max_rel_error']:.4f}  select_scores alone {select_ms:.3f} ms",
+                  flush=True)
             print("        stages (ms): " + "  ".join(
                 f"{name} {ms:.3f}" for name, ms in r["stages_ms"].items()), flush=True)
     return records

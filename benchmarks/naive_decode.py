@@ -10,6 +10,7 @@ import math
 import torch
 
 from vattention.budget import z_two_sided
+from vattention.config import resolve_size
 
 
 def naive_decode(q, k, v, sink=128, local=128, heavy=0.05, base_rate=0.05, epsilon=0.05,
@@ -18,7 +19,7 @@ def naive_decode(q, k, v, sink=128, local=128, heavy=0.05, base_rate=0.05, epsil
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
-    heavy_k = math.ceil(heavy * length)
+    heavy_k = resolve_size(heavy, length)
     n_res = length - sink - local - heavy_k
 
     logits = (q.view(batch, kv_heads, group, dim) @ k.transpose(-1, -2)).float() * scale
@@ -42,7 +43,7 @@ def naive_decode(q, k, v, sink=128, local=128, heavy=0.05, base_rate=0.05, epsil
     z_det = (w_all * mask).sum(-1)
     n_det = (w_all * mask) @ v[:, :, None].float().squeeze(2)
 
-    pilot_n = max(2, math.ceil(base_rate * n_res))
+    pilot_n = max(2, resolve_size(float(base_rate), n_res))
     pilot = residual.gather(-1, torch.randint(0, n_res, (batch, kv_heads, pilot_n), device=q.device))
     s_p, v_p = gather(pilot)
     w_p = torch.exp(s_p - shift)

@@ -3,10 +3,11 @@
     compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 
-Covers each kernel path once at small sizes: top-k with thread-block clusters (long rows)
-and without (many short rows, windows, ties), the residual sampler (drawn and enumerated),
-pilot statistics with one split and with split-K (workspace + merge), sparse attention with
-shared (KV-head) and per-query-head lists, unaligned K/V rows, and combine. Results are
+Covers each kernel path once at small sizes: select_scores (shared and per-head, ragged
+lengths), top-k with thread-block clusters (long rows) and without (many short rows,
+windows, ties), the residual sampler (drawn and enumerated), pilot statistics with one
+split and with split-K (workspace + merge), sparse attention with shared (KV-head) and
+per-query-head lists, unaligned K/V rows, combine, and one whole decode step. Results are
 compared with the CPU ops so that a failing run is visible without the sanitizer too.
 Exits non-zero on a mismatch.
 """
@@ -19,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import vattention  # noqa: E402
 from vattention import ops  # noqa: E402
 
 I32 = torch.int32
@@ -47,6 +49,15 @@ def cuda(*ts):
 
 def main():
     g = torch.Generator().manual_seed(0)
+
+    # select_scores: one row per KV group (shared) or per query head, ragged lengths.
+    q = torch.randn(2, 8, 128, generator=g).to(torch.bfloat16)
+    k = torch.randn(2, 2, 3000, 128, generator=g).to(torch.bfloat16)
+    lengths = torch.tensor([3000, 1234])
+    for share in (True, False):
+        ref = ops.select_scores(q, k, lengths, 0.09, share)
+        got = ops.select_scores(*cuda(q, k, lengths), 0.09, share)
+        check(f"select_scores share_gqa={share}", close(got, ref, 1e-3))
 
     # select_topk: 2 long rows (cluster path), then 40 short rows with windows and ties.
     scores = torch.randn(2, 20000, generator=g)
@@ -116,6 +127,16 @@ def main():
     ref = ops.combine(po, pl)
     got = ops.combine(*cuda(po, pl))
     check("combine", all(close(a, b, 1e-5) for a, b in zip(got, ref)))
+
+    # One decode step end to end (its glue kernels too), ragged lengths, a device seed.
+    q = torch.randn(2, 8, 128, generator=g).to(torch.bfloat16)
+    k = torch.randn(2, 2, 5000, 128, generator=g).to(torch.bfloat16)
+    v = torch.randn(2, 2, 5000, 128, generator=g).to(torch.bfloat16)
+    cfg = vattention.VAttentionConfig(sink=16, local=16, heavy=0.03, base_rate=0.05,
+                                      epsilon=0.1, delta=0.1)
+    out = vattention.decode(*cuda(q, k, v), cfg, seq_lens=torch.tensor([5000, 2100]).cuda(),
+                            seed=torch.tensor([5, 0], device=CUDA))
+    check("decode finite", bool(torch.isfinite(out.float()).all()))
 
     torch.cuda.synchronize()
     if failures:

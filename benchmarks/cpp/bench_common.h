@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "vattention/device_info.h"
+
 #define BENCH_CHECK(expr)                                                              \
   do {                                                                                 \
     const cudaError_t bench_err_ = (expr);                                             \
@@ -114,11 +116,11 @@ inline std::string device_name() {
   return prop.name;
 }
 
+// The SM count the kernels' launchers see (the library's device_info.h cache).
 inline int sm_count() {
-  int device = 0, sms = 0;
-  BENCH_CHECK(cudaGetDevice(&device));
-  BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+  vattention::DeviceInfo info;
+  BENCH_CHECK(vattention::current_device_info(&info));
+  return info.num_sms;
 }
 
 // A flat JSON object writer: {"key": value, ..., "cases": [{...}, ...]}.

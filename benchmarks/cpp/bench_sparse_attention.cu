@@ -1,5 +1,5 @@
 // Benchmark of the CUDA sparse attention (split-K partials + combine) on the
-// decode shape of ALGORITHM.md section 5: B=1, 32 query / 8 KV heads, D=128,
+// decode shape of docs/algorithm.md section 10: B=1, 32 query / 8 KV heads, D=128,
 // bf16, N=131072, a sorted random 10% of the rows per KV head (one list per KV
 // head, shared by its 4 query heads). Reports the time and the bandwidth
 // achieved on the bytes that must be read (the gathered K and V rows), next to
@@ -18,6 +18,7 @@
 
 #include "bench_common.h"
 #include "vattention/combine.h"
+#include "vattention/heuristics.h"
 #include "vattention/sparse_attention.h"
 
 using namespace vattention;

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "../vattention/heuristics.h"
 #include "checks.h"
 
 namespace vattention::binding {

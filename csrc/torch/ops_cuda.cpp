@@ -10,26 +10,22 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
-#include <atomic>
+#include <string>
 #include <tuple>
 
+#include "../vattention/device_info.h"
+#include "../vattention/dispatch.h"
+#include "../vattention/heuristics.h"
 #include "checks.h"
 
 namespace vattention::binding {
 namespace {
 
-// Streaming multiprocessors of a device, queried once per device.
+// Streaming multiprocessors of a device (device_info.h caches them per device).
 int64_t sm_count(c10::DeviceIndex device) {
-  constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> cache{};
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  DeviceInfo info;
+  C10_CUDA_CHECK(device_info(device, &info));
+  return info.num_sms;
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
@@ -37,8 +33,13 @@ void check_cuda(const at::Tensor& t, const char* name) {
 }
 
 void check_head_dim(int64_t dim) {
-  TORCH_CHECK(dim == 64 || dim == 128 || dim == 256,
-              "vattention: the CUDA kernels support head_dim 64, 128 or 256, got ", dim);
+  if (is_cuda_head_dim(dim)) return;
+  std::string supported;
+  for (int i = 0; i < kNumCudaHeadDims; ++i) {
+    supported += (i == 0 ? "" : (i + 1 == kNumCudaHeadDims ? " or " : ", "));
+    supported += std::to_string(kCudaHeadDims[i]);
+  }
+  TORCH_CHECK(false, "vattention: the CUDA kernels support head_dim ", supported, ", got ", dim);
 }
 
 at::Tensor select_topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,

@@ -3,10 +3,35 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing vattention._C loads this library and so registers the ops.
+#include "../vattention/dispatch.h"
+
+// Importing vattention._C loads this library and so registers the ops. The
+// module also exposes `cuda_head_dims`, the tuple of head dims the CUDA kernels
+// are built for (kCudaHeadDims), so python checks against the same list.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyObject* dims = PyTuple_New(vattention::kNumCudaHeadDims);
+  if (dims == nullptr) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  for (int i = 0; i < vattention::kNumCudaHeadDims; ++i) {
+    PyObject* d = PyLong_FromLong(vattention::kCudaHeadDims[i]);
+    if (d == nullptr) {
+      Py_DECREF(dims);
+      Py_DECREF(m);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(dims, i, d);  // steals d
+  }
+  if (PyModule_AddObject(m, "cuda_head_dims", dims) < 0) {  // steals dims on success only
+    Py_DECREF(dims);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(vattention, m) {

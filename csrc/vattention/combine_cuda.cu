@@ -1,8 +1,9 @@
 // CUDA combine (stage "combine"): merges partial (out, lse) results with the
 // rule of online_softmax.h, like combine_cpu. One warp per item: the lanes reduce
 // the max and the sum of exp over the partials, then each lane owns head_dim
-// entries d = lane, lane + 32, ... and sums the weighted partials (partials of
-// weight 0, i.e. lse -inf, are skipped, so whatever they hold is ignored).
+// entries d = lane, lane + 32, ... and sums the weighted partials. Empty
+// partials (lse -inf) are skipped, so whatever they hold is ignored; a NaN lse
+// makes the item's lse and out NaN (online_softmax.h).
 #include "combine.h"
 #include "cuda_utils.cuh"
 #include "online_softmax.h"
@@ -22,10 +23,18 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineP
        m += warps) {
     const float* lse = p.partial_lse + m * p.item_stride_lse;
     float mx = kNegInf;
-    for (int64_t s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, lse[s * p.split_stride_lse]);
+    bool nan = false;
+    for (int64_t s = lane; s < p.num_splits; s += 32) {
+      const float ls = lse[s * p.split_stride_lse];
+      nan |= is_nan_bits(ls);
+      mx = fmaxf(mx, ls);  // fmaxf drops a NaN: the ballot below keeps it
+    }
     mx = warp_max(mx);
+    nan = __ballot_sync(kFullMask, nan) != 0u;
     float merged = kNegInf;
-    if (mx != kNegInf) {
+    if (nan) {
+      merged = quiet_nan();
+    } else if (!is_neg_inf_bits(mx)) {
       float total = 0.f;
       for (int64_t s = lane; s < p.num_splits; s += 32) {
         total += __expf(lse[s * p.split_stride_lse] - mx);
@@ -35,11 +44,11 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineP
     float* out = p.out + m * p.head_dim;
     const float* partial = p.partial_out + m * p.item_stride_out;
     for (int64_t d = lane; d < p.head_dim; d += 32) {
-      float acc = 0.f;
-      if (merged != kNegInf) {
+      float acc = nan ? quiet_nan() : 0.f;
+      if (!nan && !is_neg_inf_bits(merged)) {
         for (int64_t s = 0; s < p.num_splits; ++s) {
           const float ls = lse[s * p.split_stride_lse];
-          if (ls == kNegInf) continue;
+          if (is_neg_inf_bits(ls)) continue;  // empty partial: its out is never read
           acc = fmaf(__expf(ls - merged), partial[s * p.split_stride_out + d], acc);
         }
       }

@@ -56,11 +56,19 @@ VATT_HD float to_float(half_t x) {
 }
 
 // Maps a float to an unsigned key whose integer order is the float order, with
-// NaN below every number so that a NaN score is never selected before a real one.
+// every NaN (either sign, any payload) above every number and equal to every other
+// NaN, as torch.topk ranks them: a token with a NaN score is selected first, so
+// the NaN reaches the output instead of being dropped. -0.0 and +0.0 get the same
+// key (a tie, not an order). Only integer operations on the bits: a float compare
+// would flush subnormals to zero under --use_fast_math on the GPU (x == 0.f is
+// true for a subnormal there) and the GPU would then tie scores the CPU orders.
+// Numbers map into [0x007fffff (-inf), 0xff800000 (+inf)], NaN to 0xffffffff;
+// key 0 is never produced, so kernels may use it for "no candidate".
 VATT_HD uint32_t orderable_key(float x) {
-  if (x != x) return 0u;
-  if (x == 0.f) x = 0.f;  // -0.0 and +0.0 are the same score: a tie, not an order
-  const uint32_t u = float_to_bits(x);
+  uint32_t u = float_to_bits(x);
+  const uint32_t magnitude = u & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return 0xffffffffu;  // NaN
+  if (magnitude == 0u) u = 0u;                       // -0.0 -> +0.0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -1,11 +1,12 @@
 // Private helpers of the CUDA kernels (torch-free): element conversion, 16-byte
-// vector loads, warp reductions, cp.async, kernel launches and per-device
-// attribute caches.
+// vector loads, warp reductions, cp.async, kernel launches and the per-kernel
+// shared-memory opt-in cache (device facts: device_info.h).
 //
 // VATT_EMULATE: the kernels are also compiled as plain C++ against the CPU
 // emulator in tests/cuda_emulator (one fiber per CUDA thread), so that they can be checked
 // against the CPU kernels on machines without a GPU. Everything that differs
-// between the two builds is in this header.
+// between the two builds is in this header (and device_info.h, which does not
+// cache under the emulator).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,10 +14,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <mutex>
 #include <utility>
 
 #include "common.h"
+#include "device_info.h"
 
 namespace vattention {
 namespace cuda_detail {
@@ -164,47 +165,15 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 #endif
 
 // ---------------------------------------------------------------------------
-// Host side: per-device facts, cached (queried once per device; no stream work,
-// so safe during CUDA-graph capture).
+// Host side. The per-device facts (DeviceInfo, device_info, current_device_info,
+// kMaxDevices) live in device_info.h, shared with the torch binding; they are
+// named here too so that cuda_detail:: spellings keep working.
 // ---------------------------------------------------------------------------
 
-struct DeviceInfo {
-  int device = 0;
-  int num_sms = 1;
-  int major = 0;
-  int max_smem_optin = 48 * 1024;
-};
-
-constexpr int kMaxDevices = 64;
-
-inline cudaError_t current_device_info(DeviceInfo* info) {
-  static DeviceInfo cache[kMaxDevices];
-  static std::atomic<bool> ready[kMaxDevices];
-  static std::mutex mutex;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device >= 0 && device < kMaxDevices && ready[device].load(std::memory_order_acquire)) {
-    *info = cache[device];
-    return cudaSuccess;
-  }
-  DeviceInfo d;
-  d.device = device;
-  if ((err = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
-    return err;
-  if ((err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
-    return err;
-  if ((err = cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                    device)) != cudaSuccess)
-    return err;
-  if (device >= 0 && device < kMaxDevices) {
-    std::lock_guard<std::mutex> lock(mutex);
-    cache[device] = d;
-    ready[device].store(true, std::memory_order_release);
-  }
-  *info = d;
-  return cudaSuccess;
-}
+using vattention::current_device_info;
+using vattention::device_info;
+using vattention::DeviceInfo;
+using vattention::kMaxDevices;
 
 // Raises the dynamic shared-memory limit of `kernel` on the current device when
 // `bytes` exceeds what was set before. `cache` holds kMaxDevices entries, one per

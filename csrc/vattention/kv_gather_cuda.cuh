@@ -1,6 +1,7 @@
 // Private to the CUDA kernels that read K/V rows named by index lists (sparse
-// attention and pilot statistics): the block-to-work mapping and a multistage
-// cp.async pipeline that gathers tiles of K and V rows into shared memory.
+// attention and pilot statistics): the block-to-work mapping, a multistage
+// cp.async pipeline that gathers tiles of K and V rows into shared memory, and
+// the one gather kernel both stages launch, parametrised by a fold policy.
 //
 // Mapping. Grid (x = batch * list_heads lists, y = splits, z = head chunks). A
 // block serves one contiguous split of one list for up to HB query heads that
@@ -10,17 +11,39 @@
 //
 // Threads. A row of D elements is read by kTpr threads ("a row group"), each
 // owning kEpt elements of it; the block's kThreads / kTpr row groups consume the
-// rows of a tile round-robin, each group keeping its own online-softmax state
-// (an independent split inside the block) that is merged at the end through
+// rows of a tile round-robin, each group keeping its own running state (an
+// independent split inside the block) that is merged at the end through
 // shared memory. Thread slot e of lane `l` of a row group holds element
 //   d = (e / kVec) * (kTpr * kVec) + l * kVec + e % kVec,
 // so that every 16-byte shared-memory access of a warp is bank-conflict free.
+//
+// Fold policies. What a row group keeps per query head is a set of "moments"
+// relative to its running max logit m, with w = exp(s - m) for a row of logit s:
+//   scalar i = sum w^P_i * x_i     (x_i = 1 or ||V||^2 of the row; scalar 0 is
+//                                   always sum w, the softmax denominator)
+//   vector j = sum w^Q_j * V       (this thread's kEpt elements of V)
+// with powers P_i, Q_j in {1, 2}. When m grows, sums of power p are rescaled by
+// exp(m_old - m_new)^p. The policy names the moments and writes the outputs:
+//   attention (sparse_attention_cuda.cu): sum w, sum w V -> out = sum w V / sum w,
+//             lse = m + log(sum w);
+//   pilot (pilot_cuda.cu): sum w, sum w^2, sum w^2 ||V||^2, sum w V, sum w^2 V.
+// A state travels as a record [m, scalars..., vector 0 [D], vector 1 [D], ...]:
+// the row groups' records are merged in shared memory, the pilot's per-split
+// records in its workspace, both by scan_records / merge_records.
+//
+// NaN (online_softmax.h). A NaN logit fails `s > m`, gets weight exp(NaN) and
+// turns sum w NaN; a merged record with a NaN sum w (or m) is all NaN. A NaN in
+// V reaches the vector element (and ||V||^2) it is in. Empty records (sum w == 0)
+// are skipped. Every NaN / -inf / empty test compares bits, because
+// --use_fast_math lets the compiler assume comparisons see no NaN.
 #pragma once
 
 #include <type_traits>
 
 #include "attention_params.h"
 #include "cuda_utils.cuh"
+#include "dispatch.h"
+#include "online_softmax.h"
 #include "sparse_attention.h"
 
 namespace vattention {
@@ -181,6 +204,320 @@ inline bool rows_are_aligned(const QKVParams& qkv) {
          ok_stride(qkv.v_batch_stride, qkv.batch) && ok_stride(qkv.k_head_stride, qkv.kv_heads) &&
          ok_stride(qkv.v_head_stride, qkv.kv_heads) && ok_stride(qkv.k_row_stride, qkv.length) &&
          ok_stride(qkv.v_row_stride, qkv.length);
+}
+
+// ---------------------------------------------------------------------------
+// Records: merging running states.
+// ---------------------------------------------------------------------------
+
+// A fold policy F provides (see the fold policies in the header comment):
+//   using Params;                                   the stage's params struct
+//   static constexpr int kMaxHeadsPerBlock;         register budget: HB <= this
+//   static constexpr int kScalars, kVectors;        moment counts (kScalars >= 1)
+//   static constexpr bool kRowNorm;                 whether some x_i is ||V||^2
+//   VATT_HD static constexpr int scalar_power(int i), vector_power(int j);
+//   VATT_HD static constexpr bool scalar_is_norm(int i);
+//   __device__ static const QKVParams& qkv(const Params&);
+//   __device__ static IndexListParams list(const Params&);
+//   __device__ static float logit(float dot, float scale, float bias);
+//   template <typename T, int D, int HB> __device__ static void finish(
+//       const Params&, const GatherArgs&, const ListWork<T>&, const float* records, int tid);
+//     (writes the outputs from the block's row-group records; see gather_kernel)
+
+template <class F>
+struct RecordEntries {
+  static constexpr int kScalar0 = 1;                  // entry of scalar 0 (m is entry 0)
+  static constexpr int kVector0 = 1 + F::kScalars;    // entry of vector 0, element 0
+};
+
+template <class F, int D>
+struct RecordLayout : RecordEntries<F> {
+  using RecordEntries<F>::kScalar0;
+  using RecordEntries<F>::kVector0;
+  static constexpr int kFloats = kVector0 + F::kVectors * D;
+
+  // The power with which entry x rescales (entry 0, m, is not a sum).
+  VATT_HD static constexpr int power(int x) {
+    return x < kVector0 ? F::scalar_power(x - kScalar0) : F::vector_power((x - kVector0) / D);
+  }
+};
+
+// What a merge of records must know before summing: the max over the non-empty
+// records, whether any is non-empty, and whether any carries a NaN logit.
+struct RecordScan {
+  float max_logit;
+  bool any;
+  bool nan;
+};
+
+// Records rec, rec + stride, ..., n of them.
+__device__ __forceinline__ RecordScan scan_records(const float* rec, int64_t n, int64_t stride) {
+  RecordScan r{kNegInf, false, false};
+  for (int64_t k = 0; k < n; ++k) {
+    const float m = rec[k * stride];
+    const float sum_w = rec[k * stride + 1];
+    if (is_zero_bits(sum_w)) continue;  // empty: nothing folded in
+    r.any = true;
+    if (is_nan_bits(sum_w) || is_nan_bits(m)) r.nan = true;
+    r.max_logit = fmaxf(r.max_logit, m);
+  }
+  return r;
+}
+
+// out[i] = sum over non-empty records k of rec_k[entry[i]] * exp(m_k - max_logit)^power[i],
+// for a scan with any && !nan. The K entries share each record's exp.
+template <int K>
+__device__ __forceinline__ void merge_records(const float* rec, int64_t n, int64_t stride,
+                                              float max_logit, const int (&entry)[K],
+                                              const int (&power)[K], float (&out)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) out[i] = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float* r = rec + k * stride;
+    if (is_zero_bits(r[1])) continue;
+    const float a = __expf(r[0] - max_logit);
+    const float a2 = a * a;
+#pragma unroll
+    for (int i = 0; i < K; ++i) out[i] = fmaf(r[entry[i]], power[i] == 2 ? a2 : a, out[i]);
+  }
+}
+
+// Entry x of the merge of n records: NaN for a NaN merge, the empty record
+// (m = -inf, sums 0) when all are empty.
+template <class F, int D>
+__device__ __forceinline__ float merged_entry(const float* rec, int64_t n, int64_t stride,
+                                              const RecordScan& scan, int x) {
+  if (scan.nan) return quiet_nan();
+  if (!scan.any) return x == 0 ? kNegInf : 0.f;
+  if (x == 0) return scan.max_logit;
+  float v[1];
+  merge_records<1>(rec, n, stride, scan.max_logit, {x}, {RecordLayout<F, D>::power(x)}, v);
+  return v[0];
+}
+
+// ---------------------------------------------------------------------------
+// The gather kernel.
+// ---------------------------------------------------------------------------
+
+struct GatherArgs {
+  int64_t num_splits;
+  float* workspace;  // the policy's (pilot: per-split records); may be null
+  bool aligned;      // rows_are_aligned: cp.async, else element-wise copies
+};
+
+// Folds one row of logit s (not -inf) into a head's moments (see the header).
+template <class F, int kEpt>
+__device__ __forceinline__ void fold_row(float& m, float (&scalar)[F::kScalars],
+                                         float (&vec)[F::kVectors][kEpt], float s, float norm2,
+                                         const float (&vf)[kEpt]) {
+  if (s > m) {  // a new max (never for a NaN s: it goes below, weight NaN)
+    const float a = is_neg_inf_bits(m) ? 0.f : __expf(m - s);
+    const float a2 = a * a;
+    m = s;
+#pragma unroll
+    for (int i = 0; i < F::kScalars; ++i) {
+      scalar[i] = fmaf(scalar[i], F::scalar_power(i) == 2 ? a2 : a,
+                       F::scalar_is_norm(i) ? norm2 : 1.f);
+    }
+#pragma unroll
+    for (int j = 0; j < F::kVectors; ++j) {
+      const float aj = F::vector_power(j) == 2 ? a2 : a;
+#pragma unroll
+      for (int e = 0; e < kEpt; ++e) vec[j][e] = fmaf(vec[j][e], aj, vf[e]);
+    }
+  } else {
+    const float wt = __expf(s - m);
+    const float wt2 = wt * wt;
+#pragma unroll
+    for (int i = 0; i < F::kScalars; ++i) {
+      scalar[i] = fmaf(F::scalar_power(i) == 2 ? wt2 : wt, F::scalar_is_norm(i) ? norm2 : 1.f,
+                       scalar[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < F::kVectors; ++j) {
+      const float wj = F::vector_power(j) == 2 ? wt2 : wt;
+#pragma unroll
+      for (int e = 0; e < kEpt; ++e) vec[j][e] = fmaf(wj, vf[e], vec[j][e]);
+    }
+  }
+}
+
+// One block: split blockIdx.y of list blockIdx.x for head chunk blockIdx.z.
+// Streams the split's K/V rows through a kStages-deep cp.async pipeline; per
+// row group, computes the logits of all HB heads from one read of each K row
+// and folds the V row into each head's moments; then merges the row groups'
+// records in shared memory and hands them to F::finish.
+template <class F, typename T, int D, int HB>
+__global__ void __launch_bounds__(GatherConfig<T, D>::kThreads)
+gather_kernel(const typename F::Params p, const GatherArgs args) {
+  using C = GatherConfig<T, D>;
+  using R = RecordLayout<F, D>;
+  static_assert(HB <= F::kMaxHeadsPerBlock, "more heads than the policy's registers allow");
+  unsigned char* pipe = dynamic_smem();
+  float* bias = reinterpret_cast<float*>(pipe + C::kPipeBytes);
+
+  const QKVParams& qkv = F::qkv(p);
+  const ListWork<T> w = block_work<T>(qkv, F::list(p), HB, args.num_splits);
+  const int tid = threadIdx.x;
+  const int grp = tid / C::kTpr;
+  const int lane = tid % C::kTpr;
+  const float scale = qkv.scale;
+
+  float q[HB][C::kEpt];
+#pragma unroll
+  for (int g = 0; g < HB; ++g) {
+    if (g < w.heads) {
+      load_query_slice<T, D>(qkv, w.b, w.h0 + g, lane, q[g]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < C::kEpt; ++e) q[g][e] = 0.f;
+    }
+  }
+  float m[HB];
+  float scalar[HB][F::kScalars];
+  float vec[HB][F::kVectors][C::kEpt];
+#pragma unroll
+  for (int g = 0; g < HB; ++g) {
+    m[g] = kNegInf;
+#pragma unroll
+    for (int i = 0; i < F::kScalars; ++i) scalar[g][i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < F::kVectors; ++j) {
+#pragma unroll
+      for (int e = 0; e < C::kEpt; ++e) vec[g][j][e] = 0.f;
+    }
+  }
+
+  const int64_t tiles = ceil_div(w.end - w.begin, C::kRows);
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < tiles) {
+      issue_tile<T, D>(pipe, bias, s, w, w.begin + int64_t(s) * C::kRows, qkv.k_row_stride,
+                       qkv.v_row_stride, qkv.length, args.aligned);
+    }
+    cp_async_commit();
+  }
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // tile t landed for every thread; stage (t - 1) % kStages is free
+    {
+      const int64_t next = t + C::kStages - 1;
+      if (next < tiles) {
+        issue_tile<T, D>(pipe, bias, int(next % C::kStages), w, w.begin + next * C::kRows,
+                         qkv.k_row_stride, qkv.v_row_stride, qkv.length, args.aligned);
+      }
+      cp_async_commit();
+    }
+    const int stage = int(t % C::kStages);
+    const unsigned char* k_tile = pipe + stage * C::kStageBytes;
+    const unsigned char* v_tile = k_tile + C::kTileBytes;
+#pragma unroll
+    for (int rr = 0; rr < C::kRowsPerGroup; ++rr) {
+      const int r = grp + rr * C::kGroups;
+      const float row_bias = bias[stage * C::kRows + r];
+      float kf[C::kEpt], vf[C::kEpt];
+      load_row_slice<T, D>(k_tile + r * C::kRowBytes, lane, kf);
+      float norm2 = 0.f;
+      if constexpr (F::kRowNorm) {
+        load_row_slice<T, D>(v_tile + r * C::kRowBytes, lane, vf);
+#pragma unroll
+        for (int e = 0; e < C::kEpt; ++e) norm2 = fmaf(vf[e], vf[e], norm2);
+      }
+      float dot[HB];
+#pragma unroll
+      for (int g = 0; g < HB; ++g) {
+        float acc_dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < C::kEpt; ++e) acc_dot = fmaf(q[g][e], kf[e], acc_dot);
+        dot[g] = acc_dot;
+      }
+      // The shuffles take the whole warp, so every row group reduces before any skips.
+#pragma unroll
+      for (int g = 0; g < HB; ++g) dot[g] = group_sum<C::kTpr>(dot[g]);
+      if constexpr (F::kRowNorm) norm2 = group_sum<C::kTpr>(norm2);
+      // Uniform in the row group: a skipped entry (padding, out of range, beyond
+      // the split) or a weight-0 one (log-weight -inf). Its V row is not used.
+      if (is_neg_inf_bits(row_bias)) continue;
+      if constexpr (!F::kRowNorm) load_row_slice<T, D>(v_tile + r * C::kRowBytes, lane, vf);
+#pragma unroll
+      for (int g = 0; g < HB; ++g) {
+        if (g >= w.heads) continue;
+        const float s = F::logit(dot[g], scale, row_bias);
+        if (is_neg_inf_bits(s)) continue;  // weight 0 (e.g. an infinite K entry)
+        fold_row<F, C::kEpt>(m[g], scalar[g], vec[g], s, norm2, vf);
+      }
+    }
+  }
+
+  // The row groups' records, [kGroups][HB][R::kFloats], in the pipeline buffers.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* records = reinterpret_cast<float*>(pipe);
+  static_assert(C::kGroups * HB * R::kFloats * sizeof(float) <= C::kPipeBytes, "merge scratch");
+#pragma unroll
+  for (int g = 0; g < HB; ++g) {
+    if (g >= w.heads) continue;
+    float* rec = records + (grp * HB + g) * R::kFloats;
+#pragma unroll
+    for (int j = 0; j < F::kVectors; ++j) {
+#pragma unroll
+      for (int e = 0; e < C::kEpt; ++e) {
+        rec[R::kVector0 + j * D + C::dim_of(lane, e)] = vec[g][j][e];
+      }
+    }
+    if (lane == 0) {
+      rec[0] = m[g];
+#pragma unroll
+      for (int i = 0; i < F::kScalars; ++i) rec[R::kScalar0 + i] = scalar[g][i];
+    }
+  }
+  __syncthreads();
+  F::template finish<T, D, HB>(p, args, w, records, tid);
+}
+
+template <class F, typename T, int D, int HB>
+cudaError_t launch_gather_kernel(const typename F::Params& p, const GatherArgs& args,
+                                 int64_t lists, int64_t chunks, cudaStream_t stream) {
+  using C = GatherConfig<T, D>;
+  static std::atomic<int> smem_set[kMaxDevices];
+  auto kernel = gather_kernel<F, T, D, HB>;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = ensure_dynamic_smem(reinterpret_cast<const void*>(kernel), C::kSmemBytes, device, smem_set);
+  if (err != cudaSuccess) return err;
+  const dim3 grid{unsigned(lists), unsigned(args.num_splits), unsigned(chunks)};
+  return launch_kernel(kernel, grid, dim3(C::kThreads), size_t(C::kSmemBytes), stream, 1, p, args);
+}
+
+// Launches gather_kernel<F> for p's dtype, head dim and heads per block
+// (dispatch.h; HB capped at F::kMaxHeadsPerBlock, wider groups get more head
+// chunks). args.aligned is filled in here.
+template <class F>
+cudaError_t launch_gather(const typename F::Params& p, GatherArgs args, cudaStream_t stream) {
+  const QKVParams& qkv = F::qkv(p);
+  const IndexListParams list = F::list(p);
+  const int64_t group = qkv.group_size();
+  const bool per_head = list.list_heads == qkv.q_heads;
+  const int hb = std::min(heads_per_block(group, per_head), F::kMaxHeadsPerBlock);
+  const int64_t lists = qkv.batch * list.list_heads;
+  const int64_t chunks = per_head ? 1 : ceil_div(group, hb);
+  args.aligned = rows_are_aligned(qkv);
+  return dispatch_dtype(qkv.dtype, [&](auto dtype_tag) -> cudaError_t {
+    using T = decltype(dtype_tag);
+    return dispatch_head_dim(qkv.head_dim, cudaErrorInvalidValue, [&](auto dim_tag) -> cudaError_t {
+      constexpr int D = decltype(dim_tag)::value;
+      return dispatch_heads_per_block(hb, cudaErrorInvalidValue, [&](auto hb_tag) -> cudaError_t {
+        constexpr int HB = decltype(hb_tag)::value;
+        if constexpr (HB > F::kMaxHeadsPerBlock) {
+          return cudaErrorInvalidValue;  // not instantiated: would spill
+        } else {
+          return launch_gather_kernel<F, T, D, HB>(p, args, lists, chunks, stream);
+        }
+      });
+    });
+  });
 }
 
 }  // namespace cuda_detail

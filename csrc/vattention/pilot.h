@@ -6,7 +6,9 @@
 //   max_logit[b, h]
 //   moments[b, h, :]        = (sum w_i, sum w_i^2, sum w_i^2 ||V_i||^2)
 //   vector_moments[b, h, :] = (sum w_i V_i  [head_dim], sum w_i^2 V_i [head_dim])
-// All fp32. An empty list gives max_logit = -inf and zeros.
+// All fp32. An empty list gives max_logit = -inf and zeros. A NaN logit (a NaN
+// in q or in a listed K row) makes all of the head's outputs NaN; a NaN in a
+// listed V row makes moments[2] and that element of both vector moments NaN.
 #pragma once
 
 #include "attention_params.h"

@@ -1,4 +1,7 @@
+// CPU pilot statistics, in double: the reference the CUDA kernel is checked against.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kv_rows_cpu.h"
@@ -23,12 +26,18 @@ void pilot_heads(const PilotParams& p, int64_t head_begin, int64_t head_end) {
     logits.clear();
     used.clear();
     float max_logit = kNegInf;
+    bool nan_logit = false;
     for (int64_t j = 0; j < count; ++j) {
       if (!rows.valid(indices[j])) continue;
       used.push_back(indices[j]);
       logits.push_back(rows.logit(q, b, kv_head, indices[j]));
+      nan_logit |= std::isnan(logits.back());
       max_logit = std::max(max_logit, logits.back());
     }
+    // std::max skips a NaN; instead a NaN logit (from q or a K row) makes the
+    // max, and through w = exp(s - max) every statistic, NaN. A NaN in a V row
+    // reaches the third moment and that element of the vector moments only.
+    if (nan_logit) max_logit = std::numeric_limits<float>::quiet_NaN();
 
     double sum_w = 0, sum_w2 = 0, sum_w2_norm = 0;
     std::vector<double> sum_wv(dim, 0.0), sum_w2v(dim, 0.0);

@@ -18,11 +18,14 @@
 // merges the split partials into lse, 0 where it is not finite.
 // Kernel 3, select_combine_kernel (share_gqa): scores[b, kv, i] =
 // max over the group of (logit - lse), NaN propagating, -inf beyond the length.
+// NaN: fmaxf drops a NaN operand, so the maxima above never carry one; a NaN
+// logit reaches lse through its exp-sum instead (exp(NaN - m) = NaN, made 0 by
+// the finiteness test, as in the CPU and torch references) and reaches the score
+// through an explicit NaN flag. The NaN and finiteness tests read the bits: they
+// must not depend on what --use_fast_math does to float compares.
 // The per-head logits make one extra fp32 write + read per (head, position)
 // (8 bytes against the 2 * head_dim bytes of a bf16 K row per group).
-#include <cfloat>
-#include <cmath>
-
+#include "dispatch.h"
 #include "kv_gather_cuda.cuh"
 #include "select_scores.h"
 
@@ -35,9 +38,6 @@ using namespace cuda_detail;
 constexpr int64_t score_tile_rows(int64_t row_bytes) {
   return 16384 / row_bytes < 8 ? 8 : (16384 / row_bytes > 128 ? 128 : 16384 / row_bytes);
 }
-
-// Query heads served by one block of kernel 1 for a group size.
-inline int heads_per_block(int64_t group) { return group == 1 ? 1 : (group <= 4 ? 4 : 8); }
 
 template <typename T, int D>
 struct ScoreConfig {
@@ -60,15 +60,11 @@ struct ScoreConfig {
   static_assert((kRowsPerGroup & (kRowsPerGroup - 1)) == 0, "power-of-two rows per group");
 };
 
-__device__ __forceinline__ bool is_nan(float x) {
-#if defined(VATT_EMULATE)
-  return std::isnan(x);
-#else
-  return isnan(x);
-#endif
-}
+__device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
 
-__device__ __forceinline__ bool is_finite(float x) { return x >= -FLT_MAX && x <= FLT_MAX; }
+__device__ __forceinline__ bool is_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
 
 // Sums v[0 .. N) over aligned groups of 2 * O lanes (O a power of two; call with
 // O = lanes / 2). With N >= lanes, lane l of a group ends with the totals of the
@@ -344,7 +340,7 @@ Plan make_plan(const SelectScoresParams& p, int num_sms) {
   const QKVParams& qkv = p.qkv;
   Plan plan{};
   const int64_t group = qkv.group_size();
-  plan.hb = heads_per_block(group);
+  plan.hb = heads_per_block(group, /*per_head_lists=*/false);
   plan.chunks = ceil_div(group, plan.hb);
   const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
   const int64_t tile_rows = score_tile_rows(qkv.head_dim * elem);
@@ -383,28 +379,6 @@ cudaError_t launch_logits(const SelectScoresParams& p, const Plan& plan, float* 
   const dim3 grid{unsigned(p.qkv.batch * p.qkv.kv_heads * plan.splits), unsigned(plan.chunks), 1};
   return launch_kernel(kernel, grid, dim3(C::kThreads), size_t(kSmem), stream, 1, p, logits,
                        partials, plan.splits, plan.rows_per_split, k_rows_aligned(p.qkv));
-}
-
-template <typename T, int D>
-cudaError_t dispatch_heads(const SelectScoresParams& p, const Plan& plan, float* logits,
-                           float* partials, cudaStream_t stream) {
-  switch (plan.hb) {
-    case 1: return launch_logits<T, D, 1>(p, plan, logits, partials, stream);
-    case 4: return launch_logits<T, D, 4>(p, plan, logits, partials, stream);
-    case 8: return launch_logits<T, D, 8>(p, plan, logits, partials, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t dispatch_dim(const SelectScoresParams& p, const Plan& plan, float* logits,
-                         float* partials, cudaStream_t stream) {
-  switch (p.qkv.head_dim) {
-    case 64: return dispatch_heads<T, 64>(p, plan, logits, partials, stream);
-    case 128: return dispatch_heads<T, 128>(p, plan, logits, partials, stream);
-    case 256: return dispatch_heads<T, 256>(p, plan, logits, partials, stream);
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 // Workspace of share_gqa: logits [B * Hq * N], partials [B * Hq * splits * 2], lse [B * Hq].
@@ -448,12 +422,15 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
   const Workspace layout = workspace_layout(p, plan);
   float* logits = p.share_gqa ? ws + layout.logits : p.scores;
   float* partials = p.share_gqa ? ws + layout.partials : nullptr;
-  switch (qkv.dtype) {
-    case DType::kFloat32: err = dispatch_dim<float>(p, plan, logits, partials, stream); break;
-    case DType::kFloat16: err = dispatch_dim<half_t>(p, plan, logits, partials, stream); break;
-    case DType::kBFloat16: err = dispatch_dim<bfloat16_t>(p, plan, logits, partials, stream); break;
-    default: err = cudaErrorInvalidValue;
-  }
+  err = dispatch_dtype(qkv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_head_dim(qkv.head_dim, cudaErrorInvalidValue, [&](auto dim) {
+      return dispatch_heads_per_block(plan.hb, cudaErrorInvalidValue, [&](auto hb) {
+        return launch_logits<T, decltype(dim)::value, decltype(hb)::value>(p, plan, logits, partials,
+                                                                           stream);
+      });
+    });
+  });
   if (err != cudaSuccess || !p.share_gqa) return err;
 
   const int64_t heads = qkv.batch * qkv.q_heads;

@@ -1,10 +1,14 @@
 // Stage "select": top-k over rows of scores, restricted to a per-row window.
 //
 // Row r selects the min(k[r], end[r] - start[r]) highest scores among positions
-// [start[r], end[r]) (end clipped to the row length). Ties prefer the lower
-// position; NaN ranks below every number. The chosen positions are written in
-// ascending position order and the rest of the row is padded with -1, which is
-// the order the residual sampler needs for its rank-to-position search.
+// [start[r], end[r]) (end clipped to the row length). The order is torch.topk's:
+// NaN ranks above every number (+inf included), so a token with a NaN score is
+// selected first and its NaN reaches the attention output instead of being
+// dropped; -0.0 ties with +0.0 and a subnormal ranks above zero (bit-exact, also
+// under --use_fast_math); ties, NaN among NaN included, prefer the lower position.
+// The chosen positions are written in ascending position order and the rest of
+// the row is padded with -1, which is the order the residual sampler needs for its
+// rank-to-position search.
 #pragma once
 
 #include "common.h"

@@ -2,6 +2,7 @@
 #include <utility>
 #include <vector>
 
+#include "dispatch.h"
 #include "select_topk.h"
 
 namespace vattention {
@@ -20,7 +21,7 @@ void select_topk_rows(const SelectTopkParams& p, int64_t row_begin, int64_t row_
     for (int64_t i = window.start; i < window.end; ++i) {
       candidates.emplace_back(orderable_key(to_float(row[i])), int32_t(i));
     }
-    // Higher key first; on equal keys the lower position wins.
+    // Higher key first (NaN highest, orderable_key); on equal keys the lower position wins.
     auto better = [](const std::pair<uint32_t, int32_t>& a, const std::pair<uint32_t, int32_t>& b) {
       return a.first != b.first ? a.first > b.first : a.second < b.second;
     };
@@ -38,11 +39,7 @@ void select_topk_rows(const SelectTopkParams& p, int64_t row_begin, int64_t row_
 }  // namespace
 
 void select_topk_cpu(const SelectTopkParams& p, int64_t row_begin, int64_t row_end) {
-  switch (p.dtype) {
-    case DType::kFloat32: select_topk_rows<float>(p, row_begin, row_end); break;
-    case DType::kFloat16: select_topk_rows<half_t>(p, row_begin, row_end); break;
-    case DType::kBFloat16: select_topk_rows<bfloat16_t>(p, row_begin, row_end); break;
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) { select_topk_rows<decltype(tag)>(p, row_begin, row_end); });
 }
 
 }  // namespace vattention

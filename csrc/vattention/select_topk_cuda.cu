@@ -27,13 +27,16 @@
 // Rows longer than the clusters' shared memory re-read the keys from global
 // memory in each pass (kCached = false).
 //
-// Without clusters (pre-sm_90 devices, or a cluster launch the device refuses)
-// a single block serves a row on either path.
+// Without clusters (pre-sm_90 devices, kernels whose loaded code was compiled
+// for an architecture below sm_90, or a cluster launch the device refuses) a
+// single block serves a row on either path. The ranking itself is orderable_key's
+// (common.h): NaN first, integer compares only, so the GPU's order is the CPU's.
 #include <cooperative_groups.h>
 
 #include <algorithm>
 
 #include "cuda_utils.cuh"
+#include "dispatch.h"
 #include "select_topk.h"
 #include "select_topk_warp_cuda.cuh"
 
@@ -65,15 +68,35 @@ struct SelectTopkShared {
   uint32_t k_rem;
 };
 
-// The blocks of a cluster, or a lone block. Rank = blockIdx.x (cluster dims (C,1,1)).
 constexpr int kSharedBytes = int((sizeof(SelectTopkShared) + 15) / 16 * 16);
 
+// Whether this compilation pass has the cluster barrier and the DSMEM mapping
+// (sm_90+ code, or the emulator). The host launches clusters only for kernels
+// whose loaded code has them (clusters_usable), and sm_90 is kClusterArch there.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(VATT_EMULATE)
+#define VATT_SELECT_TOPK_CLUSTERS 1
+#else
+#define VATT_SELECT_TOPK_CLUSTERS 0
+#endif
+constexpr int kClusterArch = 90;
+
+// The blocks of a cluster, or a lone block. Rank = blockIdx.x (cluster dims (C,1,1)).
 struct Cluster {
   int size;
   int rank;
 
+  // Code without cluster support, launched as clusters all the same, would have
+  // each block select from its own chunk only and write a wrong top-k: trap, so
+  // that the launch fails instead.
+  __device__ __forceinline__ static Cluster of_block(int cluster_size) {
+#if !VATT_SELECT_TOPK_CLUSTERS
+    if (cluster_size > 1) __trap();
+#endif
+    return Cluster{cluster_size, int(blockIdx.x)};
+  }
+
   __device__ __forceinline__ void sync() const {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(VATT_EMULATE)
+#if VATT_SELECT_TOPK_CLUSTERS
     if (size > 1) {
       cooperative_groups::this_cluster().sync();
       return;
@@ -84,12 +107,52 @@ struct Cluster {
 
   template <typename P>
   __device__ __forceinline__ P* map(P* p, int other) const {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(VATT_EMULATE)
+#if VATT_SELECT_TOPK_CLUSTERS
     if (size > 1 && other != rank) return cooperative_groups::this_cluster().map_shared_rank(p, other);
 #endif
     return p;
   }
 };
+
+// The architecture of the code of `kernel` loaded for the current device:
+// min(PTX version, binary version), e.g. 90 for sm_90 SASS but 80 for compute_80
+// PTX JIT-compiled on an H100 (whose __CUDA_ARCH__ was 800: no cluster code).
+inline cudaError_t kernel_code_arch(const void* kernel, int* arch) {
+#if defined(VATT_EMULATE)
+  (void)kernel;
+  *arch = kClusterArch;  // the emulator build always compiles the cluster code in
+  return cudaSuccess;
+#else
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  *arch = std::min(attr.ptxVersion, attr.binaryVersion);
+  return cudaSuccess;
+#endif
+}
+
+// *usable = `kernel` may be launched as clusters on dev: the device has them and
+// the kernel's loaded code does too. The compute capability alone is not enough
+// (see kernel_code_arch). `cache` holds kMaxDevices entries, one per device, owned
+// by the caller (one array per kernel): 0 unknown, 1 no, 2 yes. A host-only query,
+// so also legal while a CUDA graph is captured.
+inline cudaError_t clusters_usable(const void* kernel, const DeviceInfo& dev, std::atomic<int>* cache,
+                                   bool* usable) {
+  *usable = false;
+  if (dev.major < 9) return cudaSuccess;
+  const bool cached = dev.device >= 0 && dev.device < kMaxDevices;
+  const int known = cached ? cache[dev.device].load(std::memory_order_acquire) : 0;
+  if (known != 0) {
+    *usable = known == 2;
+    return cudaSuccess;
+  }
+  int arch = 0;
+  const cudaError_t err = kernel_code_arch(kernel, &arch);
+  if (err != cudaSuccess) return err;
+  *usable = arch >= kClusterArch;
+  if (cached) cache[dev.device].store(*usable ? 2 : 1, std::memory_order_release);
+  return cudaSuccess;
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t key_at(const T* row, int64_t pos) {
@@ -179,7 +242,7 @@ select_topk_kernel(const SelectTopkParams p, const int cluster_size) {
   unsigned char* smem = dynamic_smem();
   SelectTopkShared& sh = *reinterpret_cast<SelectTopkShared*>(smem);
   uint32_t* select_topk_key_cache = reinterpret_cast<uint32_t*>(smem + kSharedBytes);
-  const Cluster cl{cluster_size, int(blockIdx.x)};
+  const Cluster cl = Cluster::of_block(cluster_size);
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t cluster_threads = int64_t(cl.size) * kSelectTopkThreads;
@@ -331,13 +394,23 @@ cudaError_t launch_select_topk(const SelectTopkParams& p, int cluster, int cache
   return launch_kernel(kernel, grid, dim3(kSelectTopkThreads), size_t(smem), stream, cluster, p, cluster);
 }
 
+// Both kernels of the radix path (cached keys or not) come from one compilation
+// pass, so one answer serves both.
+template <typename T>
+cudaError_t radix_clusters_usable(const DeviceInfo& dev, bool* usable) {
+  static std::atomic<int> cache[kMaxDevices];
+  return clusters_usable(reinterpret_cast<const void*>(select_topk_kernel<T, true>), dev, cache, usable);
+}
+
 template <typename T>
 cudaError_t select_topk_dispatch(const SelectTopkParams& p, cudaStream_t stream) {
   DeviceInfo dev;
   cudaError_t err = current_device_info(&dev);
   if (err != cudaSuccess) return err;
+  bool use_clusters = false;
+  if ((err = radix_clusters_usable<T>(dev, &use_clusters)) != cudaSuccess) return err;
   int cluster = 1;
-  if (dev.major >= 9) {
+  if (use_clusters) {
     const int64_t to_fill = ceil_div(2 * int64_t(dev.num_sms), p.rows);
     const int64_t by_length = ceil_div(p.length, kMinChunk);
     cluster = int(std::max<int64_t>(1, std::min<int64_t>({to_fill, by_length, kMaxCluster})));
@@ -387,7 +460,7 @@ __global__ void __launch_bounds__(kSelectTopkWarpThreads, 2)
 select_topk_warp_kernel(const SelectTopkParams p, const int cluster_size) {
   using namespace warp_select;
   Pair* slots = reinterpret_cast<Pair*>(dynamic_smem());  // [kSelectTopkWarpWarps][32 * R]
-  const Cluster cl{cluster_size, int(blockIdx.x)};
+  const Cluster cl = Cluster::of_block(cluster_size);
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t cluster_threads = int64_t(cl.size) * kSelectTopkWarpThreads;
@@ -471,16 +544,21 @@ template <int R>
 cudaError_t launch_select_topk_warp(const SelectTopkParams& p, const DeviceInfo& dev, cudaStream_t stream) {
   auto kernel = select_topk_warp_kernel<R>;
   const int smem = kSelectTopkWarpWarps * 32 * R * int(sizeof(warp_select::Pair));  // <= 16 KiB
+  static std::atomic<int> clusters_known[kMaxDevices];
+  bool use_clusters = false;
+  cudaError_t err = clusters_usable(reinterpret_cast<const void*>(kernel), dev, clusters_known,
+                                    &use_clusters);
+  if (err != cudaSuccess) return err;
   int cluster = 1;
-  if (dev.major >= 9) {
+  if (use_clusters) {
     const int64_t to_fill = ceil_div(4 * int64_t(dev.num_sms), p.rows);
     const int64_t by_length = ceil_div(p.length, kMinChunk);
     cluster = int(std::max<int64_t>(1, std::min<int64_t>({to_fill, by_length, kMaxCluster})));
   }
   for (;;) {
     const dim3 grid{unsigned(cluster), unsigned(std::min<int64_t>(p.rows, 65535)), 1u};
-    const cudaError_t err = launch_kernel(kernel, grid, dim3(kSelectTopkWarpThreads), size_t(smem),
-                                          stream, cluster, p, cluster);
+    err = launch_kernel(kernel, grid, dim3(kSelectTopkWarpThreads), size_t(smem), stream, cluster, p,
+                        cluster);
     if (err == cudaSuccess || cluster == 1) return err;
     // A cluster launch that the device cannot schedule: fall back to one block per row.
     (void)cudaGetLastError();
@@ -507,12 +585,7 @@ size_t select_topk_cuda_workspace_bytes(const SelectTopkParams&) { return 0; }
 cudaError_t select_topk_cuda(const SelectTopkParams& p, void* /*workspace*/, cudaStream_t stream) {
   if (p.rows <= 0 || p.k_max <= 0) return cudaSuccess;
   if (p.k_max <= kWarpSelectMaxK) return select_topk_warp_dispatch(p, stream);
-  switch (p.dtype) {
-    case DType::kFloat32: return select_topk_dispatch<float>(p, stream);
-    case DType::kFloat16: return select_topk_dispatch<half_t>(p, stream);
-    case DType::kBFloat16: return select_topk_dispatch<bfloat16_t>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) { return select_topk_dispatch<decltype(tag)>(p, stream); });
 }
 
 }  // namespace vattention

@@ -3,9 +3,9 @@
 //
 // Candidates are 64-bit composites (key << 32) | ~position: the integer order of
 // composites is (key descending, position ascending) when compared as "larger is
-// better", i.e. exactly select_topk_cpu's order (ties -> lower position, NaN lowest via
+// better", i.e. exactly select_topk_cpu's order (ties -> lower position, NaN highest via
 // orderable_key). 0 is the empty slot: it is below every real candidate, since a
-// real position p < 2^31 has ~p >= 2^31.
+// real position p < 2^31 has ~p >= 2^31 (and orderable_key never returns 0).
 //
 // A warp-wide array of 32 * N values is held in registers, lane-major: element
 // i = lane * N + r is x[r] of lane `lane`. Bitonic networks over such arrays use

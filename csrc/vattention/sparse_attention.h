@@ -3,6 +3,9 @@
 // (log of its inclusion weight, added to the logit). Split-K: the list is cut
 // into num_splits contiguous chunks; each chunk keeps an fp32 online softmax
 // and writes a partial (out, lse); the "combine" stage merges the partials.
+// NaN: a NaN logit makes its split's partial (out and lse) NaN, a NaN in a V
+// element that element of out (online_softmax.h). Entries < 0 or >= length and
+// entries with log-weight -inf are not read.
 #pragma once
 
 #include "attention_params.h"
@@ -29,9 +32,7 @@ VATT_HD void split_range(int64_t count, int64_t s, int64_t n, int64_t* begin, in
 void sparse_attention_partial_cpu(const SparseAttentionParams& p, int64_t item_begin,
                                   int64_t item_end);
 
-// Split count for a launch: enough blocks to fill the device, chunks long
-// enough that the merge stays cheap.
-int64_t choose_num_splits(int64_t work_rows, int64_t max_count, int64_t num_sms);
+// The split count of a launch: choose_num_splits in heuristics.h.
 
 }  // namespace vattention
 

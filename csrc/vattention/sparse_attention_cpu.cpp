@@ -1,3 +1,5 @@
+// CPU sparse attention: the reference the CUDA kernel is checked against, one
+// SoftmaxState per (head, split) item (see online_softmax.h for NaN handling).
 #include <algorithm>
 #include <vector>
 
@@ -28,7 +30,10 @@ void attend_items(const SparseAttentionParams& p, int64_t item_begin, int64_t it
     SoftmaxState state;
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t j = begin; j < end; ++j) {
+      // Padding, out-of-range rows and weight-0 entries are not read (like the
+      // CUDA kernel), so whatever those rows hold cannot reach the output.
       if (!rows.valid(indices[j])) continue;
+      if (log_weights && log_weights[j] == kNegInf) continue;
       const float logit =
           rows.logit(q, b, kv_head, indices[j]) + (log_weights ? log_weights[j] : 0.f);
       float weight;
@@ -37,7 +42,7 @@ void attend_items(const SparseAttentionParams& p, int64_t item_begin, int64_t it
       for (int64_t d = 0; d < dim; ++d) acc[d] = acc[d] * rescale + weight * to_float(v[d]);
     }
     float* out = p.partial_out + item * dim;
-    const float inv = state.sum_exp > 0.f ? 1.f / state.sum_exp : 0.f;
+    const float inv = state.inverse_sum();  // NaN after a NaN logit, so out is NaN too
     for (int64_t d = 0; d < dim; ++d) out[d] = acc[d] * inv;
     p.partial_lse[item] = state.lse();
   }
@@ -50,15 +55,6 @@ void sparse_attention_partial_cpu(const SparseAttentionParams& p, int64_t item_b
   dispatch_dtype(p.qkv.dtype, [&](auto tag) {
     attend_items<decltype(tag)>(p, item_begin, item_end);
   });
-}
-
-int64_t choose_num_splits(int64_t work_rows, int64_t max_count, int64_t num_sms) {
-  constexpr int64_t kMinChunk = 128;
-  constexpr int64_t kMaxSplits = 64;
-  if (max_count <= kMinChunk) return 1;
-  const int64_t to_fill_device = ceil_div(2 * num_sms, std::max<int64_t>(work_rows, 1));
-  const int64_t by_length = max_count / kMinChunk;
-  return std::clamp<int64_t>(std::min(to_fill_device, by_length), 1, kMaxSplits);
 }
 
 }  // namespace vattention

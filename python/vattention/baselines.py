@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .config import FRACTION_SLACK
+from .config import check_qkv, check_size, resolve_sizes
 
 Tensor = torch.Tensor
 Size = Union[int, float]
@@ -45,15 +45,6 @@ class Selection(NamedTuple):
     log_weights: Tensor
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, Hq, D] and k, v [B, Hkv, N, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} (batch, head_dim, "
-                         f"q_heads a multiple of kv_heads)")
-
-
 def _lengths(seq_lens, batch: int, length: int, device) -> Tensor:
     if seq_lens is None:
         return torch.full((batch,), length, dtype=torch.int64, device=device)
@@ -63,14 +54,10 @@ def _lengths(seq_lens, batch: int, length: int, device) -> Tensor:
     return lengths
 
 
-def _row_size(size: Size, lengths: Tensor) -> Tensor:
-    """Per-row count of a size: int tokens or a float fraction of the row (as in decode)."""
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0:
-        raise ValueError(f"sizes must be an int >= 0 or a float fraction, got {size!r}")
-    if isinstance(size, float):
-        counts = torch.ceil(lengths.to(torch.float64) * size - FRACTION_SLACK).to(torch.int64)
-        return torch.minimum(counts.clamp(min=0), lengths)
-    return lengths.clamp(max=size)
+def _row_size(size: Size, lengths: Tensor, name: str) -> Tensor:
+    """Per-row count of a size, as vattention.decode counts it."""
+    check_size(size, f"sizes: {name}")
+    return resolve_sizes(size, lengths)
 
 
 def token_counts(count: Count, lengths: Tensor, q_heads: int) -> Tensor:
@@ -89,7 +76,7 @@ def token_counts(count: Count, lengths: Tensor, q_heads: int) -> Tensor:
             counts = counts[:, None]
         counts = counts.expand(batch, q_heads)
     else:
-        counts = _row_size(count, lengths)[:, None].expand(batch, q_heads)
+        counts = _row_size(count, lengths, "count")[:, None].expand(batch, q_heads)
     return torch.minimum(counts.clamp(min=0), lengths[:, None])
 
 
@@ -109,9 +96,9 @@ def matched_counts(stats: dict, seq_lens=None, length: Optional[int] = None) -> 
     return torch.round(density * n).to(torch.int64)
 
 
-def _layout(q: Tensor, k: Tensor, seq_lens, sink: Size, local: Size, count: Count,
+def _layout(q: Tensor, k: Tensor, v: Tensor, seq_lens, sink: Size, local: Size, count: Count,
             share_gqa: bool, scale: Optional[float]):
-    _check(q, k, k)
+    check_qkv(q, k, v, dtypes=None)
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -127,8 +114,8 @@ def _layout(q: Tensor, k: Tensor, seq_lens, sink: Size, local: Size, count: Coun
     lists = kv_heads if share_gqa else q_heads
     if share_gqa:
         counts = counts.view(batch, kv_heads, group).amax(dim=2)
-    sink_n = _row_size(sink, lengths)
-    local_n = torch.minimum(_row_size(local, lengths), lengths - sink_n)
+    sink_n = _row_size(sink, lengths, "sink")
+    local_n = torch.minimum(_row_size(local, lengths, "local"), lengths - sink_n)
     start, end = sink_n, lengths - local_n                                 # window [start, end)
     fixed = (positions[None, :] < start[:, None]) | (
         (positions[None, :] >= end[:, None]) & valid)                      # [B, N]
@@ -170,7 +157,7 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, count: Count, *, sink: Size 
     group's heads of their log-probabilities, as vAttention's oracle selector does).
     Returns out [B, Hq, D] in q's dtype (and a ``Selection`` with ``return_selection``).
     """
-    lay = _layout(q, k, seq_lens, sink, local, count, share_gqa, scale)
+    lay = _layout(q, k, v, seq_lens, sink, local, count, share_gqa, scale)
     logits = lay["logits"]
     if share_gqa:
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -209,7 +196,7 @@ def uniform_attention(q: Tensor, k: Tensor, v: Tensor, count: Count, *, sink: Si
     window (``n_r`` of them), ``b = count - sink - local`` per list. seed: None (torch's
     generator), an int or a (seed, offset) pair.
     """
-    lay = _layout(q, k, seq_lens, sink, local, count, share_gqa, scale)
+    lay = _layout(q, k, v, seq_lens, sink, local, count, share_gqa, scale)
     generator = _generator(seed, q.device)
     shape = (lay["batch"], lay["lists"], lay["length"])
     keys = torch.rand(shape, generator=generator, device=q.device)

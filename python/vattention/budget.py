@@ -1,4 +1,4 @@
-"""Sample budgets from pilot statistics: the (epsilon, delta) maths of ALGORITHM.md section 3.
+"""Sample budgets from pilot statistics: the (epsilon, delta) maths of docs/algorithm.md.
 
 Everything here is vectorised torch on the device of its inputs, with no host
 synchronisation: budgets stay device tensors. Per query head, with R the residual
@@ -85,12 +85,16 @@ def estimate(det_out: Tensor, det_lse: Tensor, pilot_max: Tensor, moments: Tenso
 
 
 def _clt_samples(z: float, n_residual: Tensor, trace: Tensor, tau: Tensor) -> Tensor:
-    """(z n_r sqrt(Tr Sigma) / tau)^2, infinite where tau is not positive."""
+    """(z n_r sqrt(Tr Sigma) / tau)^2, infinite where tau is not positive, NaN where either is."""
     numerator = (z * n_residual) ** 2 * trace
     safe_tau = torch.where(tau > 0, tau, torch.ones_like(tau))
-    return torch.where(tau > 0, numerator / safe_tau ** 2,
-                       torch.where(numerator > 0, torch.full_like(tau, float("inf")),
-                                   torch.zeros_like(tau)))
+    samples = torch.where(tau > 0, numerator / safe_tau ** 2,
+                          torch.where(numerator > 0, torch.full_like(tau, float("inf")),
+                                      torch.zeros_like(tau)))
+    # The comparisons above are false for a NaN, which would make a budget of 0 from a NaN
+    # the pilot read; decode attends the residual exactly for a NaN budget instead.
+    return torch.where(torch.isnan(numerator) | torch.isnan(tau),
+                       torch.full_like(samples, float("nan")), samples)
 
 
 def finite_population_correction(samples: Tensor, n_residual: Tensor) -> Tensor:

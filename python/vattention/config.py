@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Union
 
+import torch
+
 Size = Union[int, float]
 
 RULES = ("ratio", "paper", "denominator")
@@ -50,15 +52,7 @@ class VAttentionConfig:
 
     def __post_init__(self):
         for name in ("sink", "local", "heavy"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"VAttentionConfig.{name} must be an int count or a float "
-                                 f"fraction, got {value!r}")
-            if isinstance(value, int) and value < 0:
-                raise ValueError(f"VAttentionConfig.{name} must be >= 0 tokens, got {value}")
-            if isinstance(value, float) and not (0.0 <= value <= 1.0):
-                raise ValueError(f"VAttentionConfig.{name} as a fraction must lie in [0, 1], "
-                                 f"got {value}")
+            check_size(getattr(self, name), f"VAttentionConfig.{name}")
         if isinstance(self.base_rate, bool) or not (
                 isinstance(self.base_rate, (int, float)) and 0.0 < self.base_rate <= 1.0):
             raise ValueError(f"VAttentionConfig.base_rate must lie in (0, 1], got {self.base_rate!r}")
@@ -93,13 +87,106 @@ class VAttentionConfig:
         return VAttentionConfig(**values)
 
 
+# ---------------------------------------------------------------------------------------
+# Sizes: a config size (int token count, or float fraction of a row) as a token count.
+# ---------------------------------------------------------------------------------------
+
+# A float size means ceil(size * n) tokens, except that a product within a relative
+# FRACTION_SLACK above an integer counts as that integer: 0.07 is not exact in binary64 and
+# 0.07 * 100 is 7.000000000000001, yet a fraction never means one token more than the
+# decimal product its user wrote. (A relative slack, because the representation error of a
+# fraction is relative: for rows up to 2^31 tokens it forgives at most 2^-9 of a token.)
+FRACTION_SLACK = 2.0 ** -40
+
+
+def _slackened(fraction: float) -> float:
+    # The slack is folded into the fraction once, on the host, so that both versions below
+    # evaluate a single binary64 multiplication, ceil(fraction' * n). That is why they agree
+    # exactly: n < 2^53 converts to binary64 exactly; a multiplication is correctly rounded
+    # in Python, in torch's CPU and CUDA kernels, and in any kernel torch.compile fuses (a
+    # lone multiply has no addition to be contracted into an FMA with, which
+    # ceil(size * n - slack) would); ceil and the integer clamps are exact. It matters: the
+    # host count at the buffer's length is the static bound that sizes every buffer of a
+    # decode step, and a device count one above it would silently drop a token; the plain
+    # references count on the host and must pick the tokens the device picks.
+    return fraction * (1.0 - FRACTION_SLACK)
+
+
+def check_size(size, name: str) -> None:
+    """Raises a ValueError naming `name` unless size is an int >= 0 or a float in [0, 1]."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"{name} must be an int count or a float fraction, got {size!r}")
+    if isinstance(size, int) and size < 0:
+        raise ValueError(f"{name} must be >= 0 tokens, got {size}")
+    if isinstance(size, float) and not (0.0 <= size <= 1.0):
+        raise ValueError(f"{name} as a fraction must lie in [0, 1], got {size}")
+
+
 def resolve_size(size: Size, length: int) -> int:
-    """Host-side token count of a size for a row of `length` tokens (the static bound)."""
+    """Token count of a size for a row of `length` tokens, as a host int (static bounds).
+
+    Counts are monotone in `length`, so the count at a buffer's length bounds every row's."""
     if isinstance(size, float):
-        return min(int(math.ceil(size * length - FRACTION_SLACK)), length)
-    return min(size, length)
+        return min(max(math.ceil(_slackened(size) * length), 0), length)
+    return min(max(size, 0), length)
 
 
-# 0.05 * 2000 is 100.00000000000001 in floating point; a fraction never means one
-# token more than the exact product.
-FRACTION_SLACK = 1e-9
+def resolve_sizes(size: Size, lengths: torch.Tensor) -> torch.Tensor:
+    """resolve_size for every row of an int64 tensor of lengths, on its device, without a sync.
+
+    Equal to ``[resolve_size(size, n) for n in lengths]`` bit for bit (see _slackened)."""
+    if isinstance(size, float):
+        counts = torch.ceil(lengths.to(torch.float64) * _slackened(size)).to(torch.int64)
+        return torch.minimum(counts.clamp(min=0), lengths)
+    return lengths.clamp(min=0, max=max(size, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# q, k, v: the one check of the attention inputs (decode, reference, baselines, fake ops).
+# ---------------------------------------------------------------------------------------
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Positions are int32 in every kernel, and -1 marks an unused slot.
+MAX_LENGTH = 2 ** 31 - 1
+
+
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_qkv(q, k, v=None, *, dtypes=KERNEL_DTYPES) -> None:
+    """Raises a ValueError / TypeError naming the argument unless q [batch, q_heads, head_dim]
+    and k, v [batch, kv_heads, length, head_dim] fit together (q_heads a multiple of kv_heads,
+    one dtype, one device). v may be None (an op that reads only K). dtypes: the allowed
+    dtypes, or None for any floating-point dtype (the plain-torch references)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim], got {_shape(q)}")
+    named = (("k", k),) if v is None else (("k", k), ("v", v))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, kv_heads, length, head_dim], "
+                             f"got {_shape(t)}")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if dtypes is None:
+        if not q.is_floating_point():
+            raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    elif q.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        raise TypeError(f"q must be {', '.join(names[:-1])} or {names[-1]}, got {q.dtype}")
+    tensors = [t for _, t in named]
+    which = "q and k" if v is None else "q, k and v"
+    if any(t.dtype != q.dtype for t in tensors):
+        raise TypeError(f"{which} must share a dtype, got "
+                        f"{', '.join(str(t.dtype) for t in [q] + tensors)}")
+    if any(t.device != q.device for t in tensors):
+        raise ValueError(f"{which} must be on one device, got "
+                         f"{', '.join(str(t.device) for t in [q] + tensors)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has {q.shape[0]}")
+    if k.shape[3] != q.shape[2]:
+        raise ValueError(f"k has head_dim {k.shape[3]} but q has {q.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
+    if k.shape[2] >= MAX_LENGTH:
+        raise ValueError(f"k's length must be < 2^31 - 1, got {k.shape[2]}")

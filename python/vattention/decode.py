@@ -16,7 +16,7 @@ import torch
 
 from . import budget as budget_rules
 from . import ops
-from .config import FRACTION_SLACK, VAttentionConfig, resolve_size
+from .config import VAttentionConfig, check_qkv, resolve_size, resolve_sizes
 from .select import select_scores
 
 Tensor = torch.Tensor
@@ -29,38 +29,36 @@ def _no_timer(name: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def _row_size(size, lengths: Tensor) -> Tensor:
-    """Per-row token count of a config size (int count or float fraction of the row)."""
-    if isinstance(size, float):
-        counts = torch.ceil(lengths.to(torch.float64) * size - FRACTION_SLACK).to(torch.int64)
-        return torch.minimum(counts.clamp(min=0), lengths)
-    return lengths.clamp(max=size)
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if not isinstance(q, Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be a tensor [batch, q_heads, head_dim], got "
-                         f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
-    for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a tensor [batch, kv_heads, length, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
-    if k.shape[3] != q.shape[2]:
-        raise ValueError(f"k has head_dim {k.shape[3]} but q has head_dim {q.shape[2]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if k.shape[2] >= 2 ** 31 - 1:
-        raise ValueError(f"k's length must be < 2^31 - 1, got {k.shape[2]}")
+def _host_ints(values: Sequence[int], device: torch.device) -> Tensor:
+    """Host ints as an int64 tensor on `device`, with no host sync and capturable in a graph.
+
+    The usual way, a non-blocking copy from pageable host memory, cannot be captured in a
+    CUDA graph: a replay would re-read host memory that is gone. Pinned memory could be, but
+    only if the pinned buffer outlived every replay of every graph that captured it, which
+    no tensor we return can promise. So under capture (and under torch.compile, whose
+    CUDA graphs capture the same way) each run of equal values is a fill kernel, its value
+    baked into the graph: host values are constants of a graph anyway (a graph replays the
+    draws of an int seed and the lengths of CPU seq_lens that it captured). Outside capture
+    one copy costs one launch where the fills cost one per run.
+    """
+    if torch.compiler.is_compiling() or _capturing(device):
+        out = torch.empty(len(values), dtype=torch.int64, device=device)
+        start = 0
+        for i in range(1, len(values) + 1):
+            if i == len(values) or values[i] != values[start]:
+                out[start:i].fill_(values[start])
+                start = i
+        return out
+    if device.type == "cpu":
+        return torch.tensor(list(values), dtype=torch.int64)
+    return torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _lengths(seq_lens, batch: int, length: int, device: torch.device) -> Tensor:
@@ -73,10 +71,10 @@ def _lengths(seq_lens, batch: int, length: int, device: torch.device) -> Tensor:
                          f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
     if seq_lens.device.type == "cpu" and not torch.compiler.is_compiling():
         # Host data: checking it costs no synchronisation.
-        if bool(((seq_lens < 0) | (seq_lens > length)).any()):
-            raise ValueError(f"seq_lens must lie in [0, {length}] (k's length), got "
-                             f"{seq_lens.tolist()}")
-        return seq_lens.to(device=device, dtype=torch.int64, non_blocking=True)
+        values = seq_lens.tolist()
+        if any(n < 0 or n > length for n in values):
+            raise ValueError(f"seq_lens must lie in [0, {length}] (k's length), got {values}")
+        return _host_ints(values, device)
     if seq_lens.device != device and seq_lens.device.type != "cpu":
         raise ValueError(f"seq_lens must be on the CPU or on {device}, got {seq_lens.device}")
     seq_lens = seq_lens.to(device, non_blocking=True)
@@ -108,7 +106,7 @@ def _rng_state(seed: SeedLike, device: torch.device) -> Tensor:
                          f"int64 tensor [2], got {seed!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < MAX_RNG_OFFSET:
         raise ValueError(f"seed offset must be an int in [0, 2^30), got {offset!r}")
-    return torch.tensor([seed, offset], dtype=torch.int64).to(device, non_blocking=True)
+    return _host_ints((seed, offset), device)
 
 
 def _per_list(rows: Tensor, list_heads: int) -> Tensor:
@@ -134,14 +132,15 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     (default N); scale: logit scale (default 1/sqrt(D)); seed: None (torch's generator),
     an int, a (seed, offset) pair, or an int64 device tensor [seed, offset].
     Returns out [B, Hq, D] in q's dtype, and with return_stats a dict of per-head
-    device tensors (see README). stage_timer(name), if given, wraps each stage (select,
-    attend, pilot, budget, sample, combine) so a benchmark can time them.
+    device tensors (see README). stage_timer(name), if given, wraps each stage
+    (select_scores, select_topk, attend, pilot, budget, sample, combine) so a benchmark can
+    time them; the select stage is skipped where no row has a heavy hitter.
     """
     stage = stage_timer or _no_timer
     cfg = VAttentionConfig() if cfg is None else cfg
     if not isinstance(cfg, VAttentionConfig):
         raise TypeError(f"cfg must be a VAttentionConfig, got {type(cfg).__name__}")
-    _validate(q, k, v)
+    check_qkv(q, k, v)
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     device = q.device
@@ -153,28 +152,33 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     list_heads = kv_heads if cfg.share_gqa else q_heads
 
     # Token budget of every row, as device tensors [B].
-    sink = _row_size(cfg.sink, lengths)
-    local = torch.minimum(_row_size(cfg.local, lengths), lengths - sink)
+    sink = resolve_sizes(cfg.sink, lengths)
+    local = torch.minimum(resolve_sizes(cfg.local, lengths), lengths - sink)
     window_start, window_end = sink, lengths - local
-    heavy = torch.minimum(_row_size(cfg.heavy, lengths), window_end - window_start)
+    heavy = torch.minimum(resolve_sizes(cfg.heavy, lengths), window_end - window_start)
     n_residual = window_end - window_start - heavy
-    pilot_wanted = torch.where(
-        n_residual > 0,
-        torch.ceil(n_residual.to(torch.float64) * cfg.base_rate - FRACTION_SLACK)
-        .to(torch.int64).clamp(min=2),
-        torch.zeros_like(n_residual))
-    # Their static upper bounds size the buffers.
+    base_rate = float(cfg.base_rate)
+    pilot_wanted = torch.where(n_residual > 0,
+                               resolve_sizes(base_rate, n_residual).clamp(min=2),
+                               torch.zeros_like(n_residual))
+    # Their static upper bounds size the buffers (resolve_size agrees with resolve_sizes).
     sink_max, local_max = resolve_size(cfg.sink, length), resolve_size(cfg.local, length)
     heavy_max = resolve_size(cfg.heavy, length)
-    pilot_max = max(2, math.ceil(cfg.base_rate * length - FRACTION_SLACK))
+    pilot_max = max(2, resolve_size(base_rate, length))
 
     starts_rows = _per_list(window_start, list_heads)
     ends_rows = _per_list(window_end, list_heads)
 
-    with stage("select"):
-        scores = select_scores(q, k, lengths, scale, cfg.share_gqa)
-        heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows, ends_rows,
-                             _per_list(heavy, list_heads), heavy_max)
+    if heavy_max > 0:
+        with stage("select_scores"):
+            scores = select_scores(q, k, lengths, scale, cfg.share_gqa)
+        with stage("select_topk"):
+            heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows,
+                                        ends_rows, _per_list(heavy, list_heads), heavy_max)
+    else:
+        # No row has a heavy hitter (heavy_max bounds every row's count): scoring would read
+        # all of K to choose nothing.
+        heavy_idx = torch.empty((batch * list_heads, 0), dtype=torch.int32, device=device)
 
     # Exact attention over the deterministic set.
     sink_pos = torch.arange(sink_max, device=device)
@@ -207,11 +211,19 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
                                          vector_moments, pilot_heads, n_residual_heads)
         required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads,
                                                  pilot_heads, cfg.epsilon, cfg.delta)
+        # A NaN the pilot read (a logit or a value) must reach the output, but a rule reads
+        # only some of the pilot's statistics (the denominator rule never looks at values):
+        # a NaN in any of them makes the budget NaN, whatever the rule.
+        pilot_nan = (torch.isnan(pilot_max_logit) | torch.isnan(moments).any(-1)
+                     | torch.isnan(vector_moments).flatten(-2).any(-1))
+        required = torch.where(pilot_nan, torch.full_like(required, math.nan), required)
         n_residual_f = n_residual_heads.to(torch.float64)
-        # A pilot that enumerated the residual already knows it: attend it exactly.
-        # Otherwise draw at least min_samples: the CLT behind the budget needs a few dozen.
-        pilot_exhausted = pilot_heads.to(torch.float64) >= n_residual_f
-        wanted = torch.where(pilot_exhausted, n_residual_f,
+        # A pilot that enumerated the residual already knows it: attend it exactly. So does a
+        # NaN budget (the NaN row is then read, and the NaN reaches the output; clamp, ceil
+        # and a cast to int would make an arbitrary count of it). Otherwise draw at least
+        # min_samples: the CLT behind the budget needs a few dozen.
+        attend_exactly = (pilot_heads.to(torch.float64) >= n_residual_f) | torch.isnan(required)
+        wanted = torch.where(attend_exactly, n_residual_f,
                              required.clamp(min=float(cfg.min_samples)))
         wanted = torch.minimum(torch.ceil(wanted), n_residual_f)
         wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.vattention)
+from .config import check_qkv
 
 Tensor = torch.Tensor
 
@@ -84,15 +85,9 @@ def _sample_residual_fake(heavy, starts, ends, num_samples, rng, max_out, draw_s
             heavy.new_empty((rows,), dtype=torch.int32))
 
 
-def _check_qkv(q, k, v):
-    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
-    _check_rank(k, 4, "k", "[batch, kv_heads, length, head_dim]")
-    _check_rank(v, 4, "v", "[batch, kv_heads, length, head_dim]")
-
-
 @torch.library.register_fake("vattention::pilot_stats")
 def _pilot_stats_fake(q, k, v, indices, counts, scale):
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
     b, h, d = q.shape
     return (q.new_empty((b, h), dtype=torch.float32),
@@ -102,7 +97,7 @@ def _pilot_stats_fake(q, k, v, indices, counts, scale):
 
 @torch.library.register_fake("vattention::sparse_attention")
 def _sparse_attention_fake(q, k, v, indices, log_weights, counts, scale, num_splits):
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
     b, h, d = q.shape
     return (q.new_empty((b, h, d), dtype=torch.float32),
@@ -119,8 +114,7 @@ def _combine_fake(partial_out, partial_lse):
 
 @torch.library.register_fake("vattention::select_scores")
 def _select_scores_fake(q, k, lengths, scale, share_gqa):
-    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
-    _check_rank(k, 4, "k", "[batch, kv_heads, length, head_dim]")
+    check_qkv(q, k)
     _check_rank(lengths, 1, "lengths", "[batch]")
     batch, q_heads = q.shape[0], q.shape[1]
     kv_heads, length = k.shape[1], k.shape[2]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .budget import z_one_sided, z_two_sided
-from .config import FRACTION_SLACK, VAttentionConfig
+from .config import VAttentionConfig, check_qkv, resolve_size
 
 Tensor = torch.Tensor
 
@@ -49,12 +49,6 @@ def uniform_ranks(seed: int, offset: int, row: int, draw_set: int, draws: int, n
     n64 = np.uint64(n)
     ranks = (hi * n64 + ((lo * n64) >> np.uint64(32))) >> np.uint64(32)
     return [int(r) for r in ranks]
-
-
-def row_size(size, n: int) -> int:
-    if isinstance(size, float):
-        return min(max(math.ceil(n * size - FRACTION_SLACK), 0), n)
-    return min(size, n)
 
 
 def top_positions(scores: Tensor, start: int, end: int, k: int) -> List[int]:
@@ -91,7 +85,12 @@ class ListTrace:
 
 def _budget(rule: str, epsilon: float, delta: float, n_r: int, s_det: Tensor, v_det: Tensor,
             s_pilot: Tensor, v_pilot: Tensor) -> float:
-    """Budget from the explicit pilot terms r_i; sample (co)variances with ddof = 1."""
+    """Budget from the explicit pilot terms r_i; sample (co)variances with ddof = 1.
+
+    NaN where the pilot read a NaN (whatever the rule reads of it), or where a statistic is
+    NaN: decode then attends the residual exactly, so that the NaN reaches the output."""
+    if bool(torch.isnan(s_pilot).any() or torch.isnan(v_pilot).any()):
+        return math.nan
     shift = torch.cat([s_det, s_pilot]).max()
     w_det, w_pilot = torch.exp(s_det - shift), torch.exp(s_pilot - shift)
     p = len(s_pilot)
@@ -103,6 +102,8 @@ def _budget(rule: str, epsilon: float, delta: float, n_r: int, s_det: Tensor, v_
         return ((terms - terms.mean(0)) ** 2).sum() / (p - 1)
 
     def clt(z: float, trace: Tensor, tau: Tensor) -> float:
+        if bool(torch.isnan(trace) or torch.isnan(tau)):
+            return math.nan
         if tau <= 0:
             return math.inf if trace > 0 else 0.0
         return float((z * n_r) ** 2 * trace / tau ** 2)
@@ -112,8 +113,9 @@ def _budget(rule: str, epsilon: float, delta: float, n_r: int, s_det: Tensor, v_
         return clt(z_one_sided(delta), var_w, epsilon * z_hat)
     if rule == "paper":
         z = z_two_sided(delta / 2)
-        return max(clt(z, trace_cov(w_pilot[:, None] * v_pilot), epsilon / 4 * n_hat.norm()),
-                   clt(z, var_w, epsilon / 4 * z_hat))
+        numerator = clt(z, trace_cov(w_pilot[:, None] * v_pilot), epsilon / 4 * n_hat.norm())
+        denominator = clt(z, var_w, epsilon / 4 * z_hat)
+        return math.nan if math.isnan(numerator + denominator) else max(numerator, denominator)
     if rule == "ratio":
         z = z_two_sided(delta)
         trace = trace_cov(w_pilot[:, None] * (v_pilot - o_hat))
@@ -132,6 +134,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
     sample size for list l of row b, so a test can replay the fast path's choices and
     compare outputs exactly where float32 and float64 would round a tie differently.
     """
+    check_qkv(q, k, v, dtypes=None)
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -144,10 +147,10 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
 
     for b in range(batch):
         n = lengths[b]
-        sink = row_size(cfg.sink, n)
-        local = min(row_size(cfg.local, n), n - sink)
+        sink = resolve_size(cfg.sink, n)
+        local = min(resolve_size(cfg.local, n), n - sink)
         start, end = sink, n - local
-        heavy_k = min(row_size(cfg.heavy, n), end - start)
+        heavy_k = min(resolve_size(cfg.heavy, n), end - start)
         row_traces = []
         for lst in range(list_heads):
             heads = list(range(lst * group, (lst + 1) * group)) if cfg.share_gqa else [lst]
@@ -170,8 +173,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
             row = b * list_heads + lst
 
             # Pilot.
-            pilot_wanted = max(2, math.ceil(n_r * cfg.base_rate - FRACTION_SLACK)) if n_r else 0
-            pilot_max = max(2, math.ceil(cfg.base_rate * length - FRACTION_SLACK))
+            pilot_wanted = max(2, resolve_size(float(cfg.base_rate), n_r)) if n_r else 0
+            pilot_max = max(2, resolve_size(float(cfg.base_rate), length))
             pilot, _ = draw_residual(residual, pilot_wanted, seed, offset, row, 0, pilot_max)
 
             # Budget: per head, then the max over the heads sharing the list.
@@ -185,7 +188,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
                                       logits[h][pilot], v[b, kv, pilot])
             wanted = 0
             for h in heads:
-                per_head = n_r if len(pilot) >= n_r else max(required[h], cfg.min_samples)
+                exactly = len(pilot) >= n_r or math.isnan(required[h])
+                per_head = n_r if exactly else max(required[h], cfg.min_samples)
                 wanted = max(wanted, math.ceil(min(per_head, n_r)))
             if budget_override is not None:
                 wanted = int(budget_override[b][lst])
@@ -210,6 +214,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
 def dense(q: Tensor, k: Tensor, v: Tensor, seq_lens=None, scale: Optional[float] = None,
           dtype: torch.dtype = torch.float64) -> Tensor:
     """Exact attention of one query per head over each row's valid prefix."""
+    check_qkv(q, k, v, dtypes=None)
     batch, q_heads, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = q_heads // kv_heads

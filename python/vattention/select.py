@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import _C, ops
 
 Tensor = torch.Tensor
 
-_CUDA_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -32,7 +31,7 @@ def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
     return (q.dtype in _DTYPES and k.dtype == q.dtype and k.device == q.device
             and lengths.device == q.device and lengths.dtype in (torch.int32, torch.int64)
             and q.shape[1] > 0 and q.stride(-1) == 1 and k.stride(-1) == 1
-            and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _CUDA_HEAD_DIMS)))
+            and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _C.cuda_head_dims)))
 
 
 def select_scores_torch(q: Tensor, k: Tensor, lengths: Tensor, scale: float,

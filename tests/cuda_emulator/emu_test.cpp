@@ -1,8 +1,10 @@
 // Runs the CUDA kernels of csrc/vattention/*_cuda.cu under the CPU emulator
 // (emu_runtime.h) and compares them with the CPU kernels: exact equality for
 // select_topk and sample_residual, tolerances for pilot statistics, sparse-attention
-// partials and combine. Built by CMake as `vattention_emu_test` (ctest name
-// emu_kernels); needs no GPU.
+// partials and combine, and the NaN rule of online_softmax.h (a NaN in q or in a
+// K/V row a head reads reaches that head's outputs through every split count and
+// merge, NaN where the CPU kernels have NaN). Built by CMake as
+// `vattention_emu_test` (ctest name emu_kernels); needs no GPU.
 //
 //   vattention_emu_test [--quick]
 #include <algorithm>
@@ -673,6 +675,268 @@ void test_combine_splits_first() {
   EXPECT(bad == 0, "combine splits-first: %lld mismatches", (long long)bad);
 }
 
+// ---------------------------------------------------------------------------
+// NaN propagation (online_softmax.h): a NaN in q, in a K row or in a V row that a
+// head reads reaches that head's outputs, through every split count and the
+// merges; a NaN in a row no list names changes nothing. The emulated kernels
+// must agree with the CPU kernels element for element (NaN where NaN) and both
+// with that rule.
+// ---------------------------------------------------------------------------
+
+// NaN in the same places, else within tolerance.
+bool same(float a, float b, float atol, float rtol) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  return close(a, b, atol, rtol);
+}
+
+enum class NanAt { kQuery, kKeyRow, kValueRow, kUnlistedRow };
+
+const char* nan_at_name(NanAt at) {
+  return at == NanAt::kQuery ? "q" : at == NanAt::kKeyRow ? "k-row" : at == NanAt::kValueRow
+                                                                      ? "v-row" : "unlisted-row";
+}
+
+struct NanCase {
+  QKV t;
+  Lists l;
+  int64_t batch, q_heads, kv_heads, dim, length;
+  std::vector<bool> reads;  // per (b, query head): whether it reads the poisoned row / q
+  int64_t nan_dim;          // the poisoned element of the row (or of q)
+};
+
+// Lists of distinct valid rows (row length - 1 is never listed), finite weights;
+// one NaN placed per `at`, in batch 1 (batch 0 stays clean throughout).
+NanCase make_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t count,
+                      NanAt at, uint32_t seed) {
+  std::mt19937 rng(seed);
+  NanCase c;
+  c.batch = 2;
+  c.kv_heads = 2;
+  c.q_heads = c.kv_heads * group;
+  c.dim = dim;
+  c.length = count + 40;
+  c.t = make_qkv(dtype, c.batch, c.q_heads, c.kv_heads, c.length, dim, 0, 0, rng);
+  const int64_t list_heads = per_q ? c.q_heads : c.kv_heads;
+  c.l = make_lists(c.batch, list_heads, count, c.length, rng);
+  std::vector<int32_t> rows(size_t(c.length - 1));
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = int32_t(i);
+  for (int64_t i = 0; i < c.batch * list_heads; ++i) {
+    std::shuffle(rows.begin(), rows.end(), rng);
+    c.l.counts[i] = int32_t(count);
+    for (int64_t j = 0; j < count; ++j) {
+      c.l.indices[i * count + j] = rows[j];
+      c.l.log_weights[i * count + j] = float(int(rng() % 200) - 100) / 100.f;
+    }
+  }
+  const QKVParams& q = c.t.params;
+  const int64_t b = 1, kv_head = 1, group_size = group;
+  c.nan_dim = int64_t(rng() % uint64_t(dim));
+  c.reads.assign(size_t(c.batch * c.q_heads), false);
+  const float nan = std::nanf("");
+  if (at == NanAt::kQuery) {
+    const int64_t h = c.q_heads - 1;
+    c.t.q.set(size_t(b * q.q_batch_stride + h * q.q_head_stride + c.nan_dim), nan);
+    c.reads[b * c.q_heads + h] = true;
+    return c;
+  }
+  // The poisoned row: the first entry of list (b, first list of kv_head 1), or
+  // the never-listed last row.
+  const int64_t list0 = b * list_heads + (per_q ? kv_head * group_size : kv_head);
+  const int32_t row =
+      at == NanAt::kUnlistedRow ? int32_t(c.length - 1) : c.l.indices[list0 * count];
+  const size_t at_elem = size_t(b * q.k_batch_stride + kv_head * q.k_head_stride +
+                                int64_t(row) * q.k_row_stride + c.nan_dim);
+  (at == NanAt::kKeyRow ? c.t.k : c.t.v).set(at_elem, nan);
+  if (at == NanAt::kUnlistedRow) return c;
+  for (int64_t h = kv_head * group_size; h < (kv_head + 1) * group_size; ++h) {
+    const int64_t list = b * list_heads + (per_q ? h : kv_head);
+    for (int64_t j = 0; j < count; ++j) {
+      if (c.l.indices[list * count + j] == row) c.reads[b * c.q_heads + h] = true;
+    }
+  }
+  return c;
+}
+
+void test_attention_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t splits,
+                             NanAt at, uint32_t seed) {
+  NanCase c = make_nan_case(dtype, dim, group, per_q, 45, at, seed);
+  SparseAttentionParams p{};
+  p.qkv = c.t.params;
+  p.list = c.l.params;
+  p.num_splits = splits;
+  const int64_t heads = c.batch * c.q_heads, items = heads * splits;
+  std::vector<float> ro(items * dim), go(items * dim, 777.f), rl(items), gl(items, 777.f);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, items);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !same(gl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !same(go[i], ro[i], 2e-5f, 2e-5f);
+
+  // Merge the splits (CPU and emulated combine) and check the rule on the result.
+  CombineParams cp{};
+  cp.item_stride_out = splits * dim;
+  cp.split_stride_out = dim;
+  cp.item_stride_lse = splits;
+  cp.split_stride_lse = 1;
+  cp.items = heads;
+  cp.num_splits = splits;
+  cp.head_dim = dim;
+  std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
+  cp.partial_out = ro.data();
+  cp.partial_lse = rl.data();
+  cp.out = co.data();
+  cp.lse = cl.data();
+  combine_cpu(cp, 0, heads);
+  cp.partial_out = go.data();
+  cp.partial_lse = gl.data();
+  cp.out = gco.data();
+  cp.lse = gcl.data();
+  check_cuda(combine_cuda(cp, nullptr), "combine_cuda");
+  int64_t wrong = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    bad += !same(gcl[h], cl[h], 1e-5f, 1e-5f);
+    for (int64_t d = 0; d < dim; ++d) bad += !same(gco[h * dim + d], co[h * dim + d], 1e-5f, 1e-5f);
+    for (const std::vector<float>* o : {&co, &gco}) {
+      const float lse = o == &co ? cl[h] : gcl[h];
+      const float* out = o->data() + h * dim;
+      const bool logit_nan = c.reads[h] && at != NanAt::kValueRow;
+      wrong += std::isnan(lse) != logit_nan;
+      for (int64_t d = 0; d < dim; ++d) {
+        const bool want_nan = logit_nan || (c.reads[h] && d == c.nan_dim);
+        wrong += std::isnan(out[d]) != want_nan;
+      }
+    }
+  }
+  EXPECT(bad == 0 && wrong == 0, "attention NaN in %s %s D=%lld group=%lld per_q=%d splits=%lld: "
+         "%lld cpu/cuda mismatches, %lld outputs against the NaN rule", nan_at_name(at),
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)splits,
+         (long long)bad, (long long)wrong);
+}
+
+void test_pilot_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t splits,
+                         NanAt at, uint32_t seed) {
+  NanCase c = make_nan_case(dtype, dim, group, per_q, 37, at, seed);
+  PilotParams p{};
+  p.qkv = c.t.params;
+  p.list = c.l.params;
+  p.list.log_weights = nullptr;
+  const int64_t heads = c.batch * c.q_heads;
+  std::vector<float> rm(heads), gm(heads, 777.f), rmo(heads * 3), gmo(heads * 3, 777.f),
+      rv(heads * 2 * dim), gv(heads * 2 * dim, 777.f);
+  p.max_logit = rm.data();
+  p.moments = rmo.data();
+  p.vector_moments = rv.data();
+  pilot_stats_cpu(p, 0, heads);
+  p.max_logit = gm.data();
+  p.moments = gmo.data();
+  p.vector_moments = gv.data();
+  std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, splits));
+  check_cuda(pilot_stats_cuda(p, splits, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_stats_cuda");
+  int64_t bad = 0, wrong = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !same(gm[i], rm[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * 3; ++i) bad += !same(gmo[i], rmo[i], 1e-4f, 1e-4f);
+  for (int64_t i = 0; i < heads * 2 * dim; ++i) bad += !same(gv[i], rv[i], 1e-4f, 1e-4f);
+  for (int pass = 0; pass < 2; ++pass) {
+    const float* ml = pass ? gm.data() : rm.data();
+    const float* mo = pass ? gmo.data() : rmo.data();
+    const float* vm = pass ? gv.data() : rv.data();
+    for (int64_t h = 0; h < heads; ++h) {
+      const bool logit_nan = c.reads[h] && at != NanAt::kValueRow;
+      const bool value_nan = c.reads[h] && at == NanAt::kValueRow;
+      wrong += std::isnan(ml[h]) != logit_nan;
+      for (int i = 0; i < 3; ++i) {
+        wrong += std::isnan(mo[h * 3 + i]) != (logit_nan || (value_nan && i == 2));
+      }
+      for (int64_t x = 0; x < 2 * dim; ++x) {
+        const bool want = logit_nan || (value_nan && x % dim == c.nan_dim);
+        wrong += std::isnan(vm[h * 2 * dim + x]) != want;
+      }
+    }
+  }
+  EXPECT(bad == 0 && wrong == 0, "pilot NaN in %s %s D=%lld group=%lld per_q=%d splits=%lld: "
+         "%lld cpu/cuda mismatches, %lld outputs against the NaN rule", nan_at_name(at),
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)splits,
+         (long long)bad, (long long)wrong);
+}
+
+// combine: a NaN lse poisons its item (lse and out), a NaN in a partial's out
+// reaches that element even when the partial's weight underflows to 0, and an
+// empty partial (lse -inf) is ignored whatever its out holds.
+void test_combine_nan() {
+  const int64_t splits = 35, items = 4, dim = 36;
+  std::vector<float> po(splits * items * dim, 0.25f), pl(splits * items, 0.f);
+  const float nan = std::nanf("");
+  for (int64_t s = 0; s < splits; ++s) pl[s * items + 0] = float(s % 5);
+  pl[7 * items + 0] = nan;                        // item 0: a NaN lse
+  pl[33 * items + 1] = -200.f;                    // item 1: weight exp(-200) == 0 in fp32 ...
+  po[(33 * items + 1) * dim + 5] = nan;           // ... times a NaN still gives NaN
+  for (int64_t s = 0; s < splits; s += 2) {       // item 2: empty partials full of NaN
+    pl[s * items + 2] = -INFINITY;
+    for (int64_t d = 0; d < dim; ++d) po[(s * items + 2) * dim + d] = nan;
+  }
+  for (int64_t s = 0; s < splits; ++s) pl[s * items + 3] = -INFINITY;  // item 3: all empty
+  CombineParams c{};
+  c.partial_out = po.data();
+  c.partial_lse = pl.data();
+  c.item_stride_out = dim;
+  c.split_stride_out = items * dim;
+  c.item_stride_lse = 1;
+  c.split_stride_lse = items;
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  std::vector<float> ro(items * dim), rl(items), go(items * dim, 777.f), gl(items, 777.f);
+  c.out = ro.data();
+  c.lse = rl.data();
+  combine_cpu(c, 0, items);
+  c.out = go.data();
+  c.lse = gl.data();
+  check_cuda(combine_cuda(c, nullptr), "combine_cuda");
+  int64_t wrong = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const float* out = pass ? go.data() : ro.data();
+    const float* lse = pass ? gl.data() : rl.data();
+    wrong += !std::isnan(lse[0]) + std::isnan(lse[1]) + std::isnan(lse[2]);
+    wrong += lse[3] != -INFINITY;
+    for (int64_t d = 0; d < dim; ++d) {
+      wrong += !std::isnan(out[0 * dim + d]);
+      wrong += std::isnan(out[1 * dim + d]) != (d == 5);
+      wrong += !close(out[2 * dim + d], 0.25f, 1e-6f, 1e-5f);
+      wrong += out[3 * dim + d] != 0.f;
+    }
+  }
+  EXPECT(wrong == 0, "combine NaN rule: %lld wrong outputs", (long long)wrong);
+}
+
+void test_nan() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  const NanAt places[] = {NanAt::kQuery, NanAt::kKeyRow, NanAt::kValueRow, NanAt::kUnlistedRow};
+  uint32_t seed = 9000;
+  for (DType d : dtypes) {
+    for (NanAt at : places) {
+      for (bool per_q : {false, true}) {
+        // One split, several, and more splits than one row group can fill.
+        for (int64_t splits : {int64_t(1), int64_t(3), int64_t(11)}) {
+          if (g_quick && d != DType::kFloat32 && splits == 11) continue;
+          test_attention_nan_case(d, 64, 4, per_q, splits, at, seed++);
+          test_pilot_nan_case(d, 64, 4, per_q, splits, at, seed++);
+        }
+      }
+    }
+  }
+  // Wider rows and groups (8 heads per block, two head chunks for the pilot).
+  test_attention_nan_case(DType::kBFloat16, 128, 8, false, 2, NanAt::kKeyRow, seed++);
+  test_pilot_nan_case(DType::kBFloat16, 128, 8, false, 2, NanAt::kValueRow, seed++);
+  test_attention_nan_case(DType::kFloat16, 256, 1, false, 4, NanAt::kValueRow, seed++);
+  test_pilot_nan_case(DType::kFloat32, 256, 1, true, 1, NanAt::kKeyRow, seed++);
+  test_combine_nan();
+}
+
 void test_attention_and_pilot() {
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   uint32_t seed = 1000;
@@ -828,6 +1092,7 @@ int main(int argc, char** argv) {
   test_topk();
   test_sample();
   test_attention_and_pilot();
+  test_nan();
   test_select_scores();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;
