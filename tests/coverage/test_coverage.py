@@ -10,7 +10,7 @@ failing on every call cannot hide behind a good average.
 import pytest
 import torch
 
-from conftest import requires_model
+from tests.helpers import requires_model
 from vattention.config import VAttentionConfig
 from vattention.coverage import FAMILIES, binomial_upper, measure, synthetic_heads
 

@@ -1,14 +1,21 @@
-"""vattention.decode against the float64 reference, and the estimator's statistics."""
+"""vattention.decode end to end: against the float64 reference on every device, the
+estimator's statistics, CUDA against CPU, bad input at the Python boundary."""
 import math
 
 import pytest
 import torch
 
 import vattention
-from vattention import reference
-from vattention.config import VAttentionConfig
+from tests.helpers import cuda_only, make_qkv, peaked_inputs, qkv
+from tests.sparse_attention.reference import dense_attention_ref
+from vattention import VAttentionConfig, ops, reference
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+# decode's budget comes from float32 pilot moments, the reference's from float64 pilot
+# terms: they agree to REQUIRED_RTOL relative before rounding up to whole samples (checked
+# by test_matches_reference). Two backends' budgets can then differ by that much plus the
+# one sample that ceil() may flip (test_cuda_matches_cpu).
+REQUIRED_RTOL = 5e-3
 
 
 def random_qkv(batch, q_heads, kv_heads, length, dim, dtype, device, seed, value_mean=0.5):
@@ -57,7 +64,8 @@ def test_matches_reference(device, dtype, dim, group):
             for lst, trace in enumerate(row_traces):
                 for h, value in trace.required.items():
                     if math.isfinite(value) and value > 1 and len(trace.pilot) < len(trace.residual):
-                        assert required[b, h].item() == pytest.approx(value, rel=5e-3, abs=1e-3)
+                        assert required[b, h].item() == pytest.approx(value, rel=REQUIRED_RTOL,
+                                                                      abs=1e-3)
 
 
 def test_selection_matches_reference_in_float32():
@@ -119,7 +127,6 @@ def test_default_generator_seeding(device):
 def test_residual_estimates_are_unbiased():
     # N^ and Z^ of the sampled residual are unbiased: their mean over independent
     # draws converges to the exact residual sums within a few standard errors.
-    from vattention import ops
     g = torch.Generator().manual_seed(0)
     rows, length, dim = 512, 1000, 16
     q = torch.randn(1, 1, dim, generator=g).expand(rows, 1, dim).contiguous()
@@ -131,7 +138,7 @@ def test_residual_estimates_are_unbiased():
     ends = torch.full((rows,), length, dtype=torch.int32)
     budget = torch.full((rows,), 25, dtype=torch.int32)
     idx, logw, counts = ops.sample_residual(heavy, starts, ends, budget, torch.tensor([9, 0]),
-                                            length, 1)
+                                            length, ops.FINAL_DRAWS)
     out, lse = ops.sparse_attention(q, k, v, idx[:, None], logw[:, None], counts[:, None], 0.25, 0)
     z_hat = lse[:, 0].double().exp()
     n_hat = out[:, 0].double() * z_hat[:, None]
@@ -180,3 +187,183 @@ def test_stats_are_consistent(device):
     assert torch.equal(density[:, :4], density[:, :1].expand(2, 4))
     not_exact = ~stats["exact"].cpu()
     assert bool((stats["error_bound"].cpu()[not_exact] <= cfg.epsilon + 1e-9).all())
+
+
+@pytest.mark.parametrize("share_gqa", [True, False])
+def test_decode_is_exact_when_the_residual_is_enumerated(device, share_gqa):
+    g = torch.Generator().manual_seed(23)
+    q, k, v = make_qkv(3, 8, 2, 200, 64, torch.float32, g)
+    seq_lens = torch.tensor([200, 57, 1])
+    cfg = vattention.VAttentionConfig(sink=3, local=5, heavy=10, base_rate=1.0,
+                                      share_gqa=share_gqa)
+    out = vattention.decode(q.to(device), k.to(device), v.to(device), cfg,
+                            seq_lens=seq_lens.to(device), seed=5)
+    dense = dense_attention_ref(q, k, v, 1 / 8, seq_lens.tolist())
+    torch.testing.assert_close(out.cpu().to(torch.float64), dense, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA against CPU
+# --------------------------------------------------------------------------------------
+
+CUDA_CFG = VAttentionConfig(sink=16, local=16, heavy=0.03, base_rate=0.05, epsilon=0.1, delta=0.1)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("share", [True, False])
+def test_cuda_matches_cpu(dtype, share):
+    q, k, v = peaked_inputs(3, 4, 5000, dtype, seed=1)
+    k = k[:, :2].contiguous()
+    v = v[:, :2].contiguous()
+    cfg = CUDA_CFG.replace(share_gqa=share)
+    lengths = torch.tensor([5000, 3100, 40])
+    out_cpu, stats_cpu = vattention.decode(q, k, v, cfg, seq_lens=lengths, seed=5,
+                                           return_stats=True)
+    out_gpu, stats_gpu = vattention.decode(q.cuda(), k.cuda(), v.cuda(), cfg,
+                                           seq_lens=lengths.cuda(), seed=5, return_stats=True)
+    assert torch.equal(stats_cpu["heavy_indices"], stats_gpu["heavy_indices"].cpu())
+    budget_cpu = stats_cpu["budget"].to(torch.float64)
+    budget_gpu = stats_gpu["budget"].cpu().to(torch.float64)
+    # Not exact: 1 sample (ceil) plus the documented relative agreement of the budgets.
+    slack = 1 + REQUIRED_RTOL * budget_cpu
+    assert bool(((budget_gpu - budget_cpu).abs() <= slack).all()), (budget_cpu, budget_gpu)
+    # Heads with the same budget drew the same sample (same Philox draws on both devices).
+    same = budget_gpu == budget_cpu
+    atol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert torch.allclose(out_cpu.float()[same], out_gpu.float().cpu()[same], atol=atol)
+    if not same.all():
+        # A budget that rounded the other way draws one sample more or less: such a head
+        # is checked against the reference replaying the GPU's own heavy set and budget.
+        group = q.shape[1] // k.shape[1]
+        heavy = stats_gpu["heavy_indices"].cpu()
+        heavy_lists = [[[int(i) for i in row if i >= 0] for row in batch_row] for batch_row in heavy]
+        expected = reference.decode(q, k, v, cfg, seq_lens=lengths.tolist(), seed=5,
+                                    heavy_override=heavy_lists,
+                                    budget_override=list_budgets(stats_gpu, group, share).tolist())
+        error = (out_gpu.double().cpu() - expected)[~same].abs().max() / expected.abs().max()
+        assert error < TOLERANCE[dtype], float(error)
+
+
+# --------------------------------------------------------------------------------------
+# bad input at the Python boundary
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_rejects_bad_cfg():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="cfg"):
+        vattention.decode(q, k, v, cfg={"epsilon": 0.1})
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("q_rank", ValueError, r"\bq must be"),
+    ("q_not_tensor", ValueError, r"\bq must be"),
+    ("k_rank", ValueError, r"\bk must be"),
+    ("v_rank", ValueError, r"\bv must be"),
+    ("v_shape", ValueError, r"\bv must have k's shape"),
+    ("dtype_mismatch", TypeError, r"q, k and v must share a dtype"),
+    ("float64", TypeError, r"\bq must be float32"),
+    ("int_q", TypeError, r"\bq must be float32"),
+    ("device_mismatch", ValueError, r"one device"),
+    ("batch_mismatch", ValueError, r"batch"),
+    ("head_dim_mismatch", ValueError, r"head_dim"),
+    ("gqa", ValueError, r"q_heads \(6\) must be a multiple of kv_heads \(4\)"),
+    ("zero_kv_heads", ValueError, r"kv_heads"),
+])
+def test_decode_rejects_bad_qkv(case, error, match):
+    q, k, v = qkv()
+    if case == "q_rank":
+        q = q[0]
+    elif case == "q_not_tensor":
+        q = q.tolist()
+    elif case == "k_rank":
+        k = k[0]
+    elif case == "v_rank":
+        v = v[:, 0]
+    elif case == "v_shape":
+        v = v[:, :, :8]
+    elif case == "dtype_mismatch":
+        k = k.half()
+    elif case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "int_q":
+        q, k, v = q.int(), k.int(), v.int()
+    elif case == "device_mismatch":
+        k, v = k.to("meta"), v.to("meta")
+    elif case == "batch_mismatch":
+        q = torch.cat([q, q])
+    elif case == "head_dim_mismatch":
+        q = torch.cat([q, q], dim=-1)
+    elif case == "gqa":
+        q = torch.randn(2, 6, 8)
+        k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+    elif case == "zero_kv_heads":
+        k, v = k[:, :0], v[:, :0]
+    with pytest.raises(error, match=match):
+        vattention.decode(q, k, v, seed=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_decode_rejects_bad_scale(scale):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="scale"):
+        vattention.decode(q, k, v, scale=scale, seed=0)
+
+
+@pytest.mark.parametrize("seq_lens", [
+    torch.tensor([16, 17]),            # > length
+    torch.tensor([-1, 3]),             # < 0
+    torch.tensor([16]),                # wrong shape
+    torch.tensor([[16, 16]]),          # wrong rank
+    torch.tensor([16.0, 3.0]),         # wrong dtype
+    torch.tensor([True, True]),        # wrong dtype
+    [16, 17],                          # a list, out of range
+    [3],                               # a list, wrong length
+])
+def test_decode_rejects_bad_seq_lens(seq_lens):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="seq_lens"):
+        vattention.decode(q, k, v, seq_lens=seq_lens, seed=0)
+
+
+def test_decode_rejects_seq_lens_on_another_device():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="seq_lens must be on"):
+        vattention.decode(q, k, v, seq_lens=torch.tensor([3, 4], device="meta"), seed=0)
+
+
+@pytest.mark.parametrize("seed,match", [
+    (-1, r"\bseed must be"),
+    (2 ** 63, r"\bseed must be"),
+    (1.5, r"\bseed must be"),
+    (True, r"\bseed must be"),
+    ("7", r"\bseed must be"),
+    ((1, 2, 3), r"\bseed must be"),
+    ((-5, 0), r"\bseed must be"),
+    ((5, -1), r"seed offset"),
+    ((5, 2 ** 30), r"seed offset"),
+    ((5, 1.0), r"seed offset"),
+    ((5, False), r"seed offset"),
+    (torch.tensor([1, 2], dtype=torch.int32), r"seed as a tensor"),
+    (torch.tensor([1, 2, 3]), r"seed as a tensor"),
+    (torch.tensor([[1, 2]]), r"seed as a tensor"),
+    (torch.tensor([1, 2], device="meta"), r"seed tensor must be on"),
+])
+def test_decode_rejects_bad_seed(seed, match):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=match):
+        vattention.decode(q, k, v, seed=seed)
+
+
+def test_decode_seed_tensor_with_offset_out_of_range_is_caught_by_the_sampler():
+    q, k, v = qkv(length=400)
+    cfg = VAttentionConfig(sink=2, local=2, heavy=2, base_rate=0.01)
+    with pytest.raises(RuntimeError, match="rng offset"):
+        vattention.decode(q, k, v, cfg, seed=torch.tensor([1, 2 ** 30]))
+
+
+def test_decode_accepts_good_seeds():
+    q, k, v = qkv()
+    for seed in (None, 0, 2 ** 63 - 1, (3, 2 ** 30 - 1), torch.tensor([4, 5])):
+        assert vattention.decode(q, k, v, seed=seed).shape == q.shape

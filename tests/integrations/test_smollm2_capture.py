@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import requires_model
+from tests.helpers import requires_model
 from vattention.models import smollm2
 
 pytestmark = [pytest.mark.model, requires_model]

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import requires_model
+from tests.helpers import requires_model
 import vattention
 from vattention import VAttentionConfig
 from vattention.models import smollm2

@@ -12,13 +12,10 @@ import math
 import pytest
 import torch
 
+from tests.helpers import DTYPES, cuda_only
 from vattention import ops
 from vattention.select import select_scores, select_scores_torch
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 # |op - torch in q's dtype|: the torch composition rounds q.K to the dtype first.
 NATIVE_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 
@@ -52,7 +49,6 @@ def reference(q, k, lengths, scale, share):
     return select_scores_torch(q.cpu().float(), k.cpu().float(), lengths.cpu(), scale, share)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("group", [1, 4, 7])
 @pytest.mark.parametrize("dim", [64, 128, 256])
@@ -71,7 +67,6 @@ def test_matches_torch_reference(device, dtype, dim, group, share):
                         atol=NATIVE_ATOL[dtype], rtol=NATIVE_ATOL[dtype])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share", [False, True])
 def test_lengths_int32_and_int64_agree_and_edges(device, share):
     q, k, _ = make_inputs(5, 8, 2, 40, 64, torch.float32, device, seed=3)
@@ -88,7 +83,6 @@ def test_lengths_int32_and_int64_agree_and_edges(device, share):
     assert torch.isfinite(got64[3]).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share", [False, True])
 def test_empty_shapes(device, share):
     q, k, lengths = make_inputs(2, 4, 2, 0, 64, torch.bfloat16, device, seed=4, lengths=[0, 0])
@@ -97,7 +91,6 @@ def test_empty_shapes(device, share):
     assert ops.select_scores(q, k, lengths, 0.125, share).shape == (0, 2 if share else 4, 10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("share", [False, True])
 def test_strided_views(device, share):
     """q heads with padding between them; k a view of a [B, N, Hkv, D] cache."""
@@ -113,7 +106,6 @@ def test_strided_views(device, share):
     assert_scores_close(got, reference(q, k, lengths, 0.09, share), atol=2e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("share", [False, True])
 def test_nan_and_infinite_logits_follow_the_torch_reference(device, dtype, share):
@@ -181,7 +173,6 @@ def _opcheck_samples(device):
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(3))
 def test_opcheck(device, case):
     torch.library.opcheck(torch.ops.vattention.select_scores.default,
@@ -205,7 +196,7 @@ def test_compile_fullgraph():
 # --------------------------------------------------------------------------------------
 
 
-@requires_cuda
+@cuda_only
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu_op_long_context_and_wide_groups(dtype, share):
@@ -219,7 +210,7 @@ def test_cuda_matches_cpu_op_long_context_and_wide_groups(dtype, share):
         assert_scores_close(got, cpu, atol=5e-5, rtol=1e-5)
 
 
-@requires_cuda
+@cuda_only
 @pytest.mark.parametrize("share", [False, True])
 def test_cuda_unaligned_rows(share):
     """K rows that are not 16-byte aligned (odd storage offset and row stride)."""
@@ -234,7 +225,7 @@ def test_cuda_unaligned_rows(share):
     assert_scores_close(got, cpu, atol=5e-5)
 
 
-@requires_cuda
+@cuda_only
 @pytest.mark.parametrize("share", [False, True])
 def test_cuda_runs_without_host_sync_and_replays_in_a_graph(share):
     q, k, lengths = make_inputs(2, 8, 2, 4000, 128, torch.bfloat16, "cuda", seed=12)
@@ -266,7 +257,7 @@ def test_cuda_runs_without_host_sync_and_replays_in_a_graph(share):
     assert torch.isneginf(out[1, :, 17:]).all()
 
 
-@requires_cuda
+@cuda_only
 def test_cuda_rejects_unsupported_head_dim_and_oracle_falls_back():
     q, k, lengths = make_inputs(2, 4, 2, 30, 96, torch.float16, "cuda", seed=14)
     with pytest.raises(RuntimeError, match="head_dim 64, 128 or 256"):

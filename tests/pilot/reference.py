@@ -1,0 +1,44 @@
+"""Plain reference of pilot_stats (pilot.h).
+
+Written from the header's documentation, not from the kernels: float64 torch, one
+(row, head) at a time, the lists read as attention_params.h says (tests/helpers.py).
+Takes and returns CPU tensors; outputs are float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.helpers import list_entries, list_of, logits
+
+Tensor = torch.Tensor
+
+
+def pilot_stats_ref(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
+                    scale: float):
+    """(max_logit [B, Hq], moments [B, Hq, 3], vector_moments [B, Hq, 2, D]) of each head's
+    listed rows with w = exp(s - max): (sum w, sum w^2, sum w^2 |v|^2) and
+    (sum w v, sum w^2 v); an empty list gives -inf and zeros."""
+    batch, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    list_heads = indices.shape[1]
+    max_logit = torch.full((batch, q_heads), -math.inf, dtype=torch.float64)
+    moments = torch.zeros((batch, q_heads, 3), dtype=torch.float64)
+    vector_moments = torch.zeros((batch, q_heads, 2, dim), dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            pos, _ = list_entries(indices, counts, None, b, list_of(h, q_heads, list_heads))
+            if not pos:
+                continue
+            s = logits(q, k, b, h, pos, scale)
+            m = s.max()
+            w = torch.exp(s - m)
+            vv = v[b, h // (q_heads // kv_heads), pos].to(torch.float64)
+            max_logit[b, h] = m
+            moments[b, h, 0] = w.sum()
+            moments[b, h, 1] = (w ** 2).sum()
+            moments[b, h, 2] = ((w ** 2) * (vv ** 2).sum(-1)).sum()
+            vector_moments[b, h, 0] = (w[:, None] * vv).sum(0)
+            vector_moments[b, h, 1] = ((w ** 2)[:, None] * vv).sum(0)
+    return max_logit, moments, vector_moments
