@@ -13,7 +13,9 @@
 #   cmake_build    the torch-free kernel library + C++ benchmarks (CMake, or plain nvcc when
 #                  cmake is missing), in the background while build_ext and the tests run
 #   pytest_cuda    every test marked `cuda` under tests/ (pytest -m cuda): the CUDA ops and
-#                  decode against the CPU, graphs, no host sync, NaN propagation
+#                  decode against the CPU, graphs, no host sync, NaN propagation, the int4
+#                  key summary (tests/select/test_key_summary.py: summarize_keys bytes,
+#                  select_scores_summary, decode with selector "int4")
 #   sanitize_memcheck_py  one compute-sanitizer memcheck of scripts/sanitizer_case.py
 #                  (skipped if no compute-sanitizer), while
 #   pytest_rest    the rest of tests/ (pytest -m "not cuda", which on this machine also runs
@@ -21,7 +23,8 @@
 #   bench_decode   benchmarks/bench_decode.py: batch 1 and 16 at 32K and 128K (bf16, 32/8
 #                  heads, D=128), with select_scores and the other stages timed apart
 #   op_timings     python op timings against torch.topk / SDPA
-#   bench_*        C++ benchmarks (JSON)
+#   bench_*        C++ benchmarks (JSON); bench_key_summary: summary build / append and
+#                  select_scores from K against from the summary
 #   sanitize_*     what is left of the budget: racecheck on scripts/sanitizer_case.py, and
 #                  memcheck / racecheck on the C++ benchmarks with --tiny sizes
 # Everything lands in $OUT: one log per step, JSON from the benchmarks, summary.txt with
@@ -254,12 +257,12 @@ step_cmake_build() {
     local srcs=("$ROOT"/csrc/vattention/*_cuda.cu "$ROOT"/csrc/vattention/*_cpu.cpp)
     printf '%s\n' "${srcs[@]}" | xargs -P "$MAX_JOBS" -I{} sh -c \
       "\"$NVCC\" $flags -x cu -c {} -o \"$BUILD_DIR/obj/\$(basename {}).o\"" || return 1
-    for b in bench_select_topk bench_sparse_attention; do
+    for b in bench_select_topk bench_sparse_attention bench_key_summary; do
       "$NVCC" $flags -c "$ROOT/benchmarks/cpp/$b.cu" -o "$BUILD_DIR/obj/$b.o" || return 1
       "$NVCC" $gencode "$BUILD_DIR/obj/$b.o" "$BUILD_DIR"/obj/*_c*.o -o "$BUILD_DIR/$b" || return 1
     done
   fi
-  ls -la "$BUILD_DIR/bench_select_topk" "$BUILD_DIR/bench_sparse_attention"
+  ls -la "$BUILD_DIR/bench_select_topk" "$BUILD_DIR/bench_sparse_attention" "$BUILD_DIR/bench_key_summary"
 }
 
 step_op_timings() {
@@ -441,6 +444,9 @@ if [ -x "$BUILD_DIR/bench_select_topk" ]; then
   run_step bench_select_topk_bf16 45 "$BUILD_DIR/bench_select_topk" --dtype bf16 --json "$OUT/bench_select_topk_bf16.json"
   run_step bench_sparse_attention 60 "$BUILD_DIR/bench_sparse_attention" \
     --json "$OUT/bench_sparse_attention.json"
+  if [ -x "$BUILD_DIR/bench_key_summary" ]; then
+    run_step bench_key_summary 45 "$BUILD_DIR/bench_key_summary" --json "$OUT/bench_key_summary.json"
+  fi
 else
   record SKIP bench_cpp 0 "no benchmark binaries (see cmake_build.log)"
 fi
@@ -450,7 +456,8 @@ if (( BUILD_OK == 0 )); then
   run_step sanitize_racecheck_py 100 bash -c 'step_sanitize racecheck "$PY" scripts/sanitizer_case.py'
 fi
 if [ -x "$BUILD_DIR/bench_select_topk" ]; then
-  for b in bench_select_topk bench_sparse_attention; do
+  for b in bench_select_topk bench_sparse_attention bench_key_summary; do
+    [ -x "$BUILD_DIR/$b" ] || continue
     run_step "sanitize_memcheck_$b" 60 bash -c "step_sanitize memcheck \"$BUILD_DIR/$b\" --tiny"
     run_step "sanitize_racecheck_$b" 60 bash -c "step_sanitize racecheck \"$BUILD_DIR/$b\" --tiny"
   done
@@ -468,8 +475,8 @@ fi
   f="$OUT"/sanitize_memcheck_py.log
   [ -f "$f" ] && echo "sanitize_memcheck_py: $(grep -E 'ERROR SUMMARY|mismatches|all ops match|skipped' "$f" | tr '\n' ' ')"
   for f in "$OUT"/bench_decode.log "$OUT"/bench_select_topk_f32.log "$OUT"/bench_select_topk_bf16.log \
-           "$OUT"/bench_sparse_attention.log "$OUT"/op_timings.log; do
-    [ -f "$f" ] && grep -E '^(B=|        stages|select_topk|sparse_attention|device-to-device|  partials|  check)' "$f"
+           "$OUT"/bench_sparse_attention.log "$OUT"/bench_key_summary.log "$OUT"/op_timings.log; do
+    [ -f "$f" ] && grep -E '^(B=|        stages|select_topk|sparse_attention|device-to-device|  partials|  check|llama3|gemma3)' "$f"
   done
 } >> "$SUMMARY" 2>/dev/null
 rm -rf "$WORK"

@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 
 Covers each kernel path once at small sizes: select_scores (shared and per-head, ragged
-lengths), top-k with thread-block clusters (long rows) and without (many short rows,
+lengths), the int4 key summary (summarize_keys: prefill and a ragged update, aligned and
+strided rows; select_scores_summary shared and per-head, D = 64 and 256), top-k with thread-block clusters (long rows) and without (many short rows,
 windows, ties), the residual sampler (drawn and enumerated), pilot statistics with one
 split and with split-K (workspace + merge), sparse attention with shared (KV-head) and
 per-query-head lists, unaligned K/V rows, combine, and one whole decode step. Results are
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import vattention  # noqa: E402
 from vattention import ops  # noqa: E402
+from vattention.key_summary import build_key_summary  # noqa: E402
 
 I32 = torch.int32
 CUDA = torch.device("cuda")
@@ -43,6 +45,10 @@ def close(a, b, tol=1e-4):
     return bool(((a[f] - b[f]).abs() <= tol * (b[f].abs() + scale)).all())
 
 
+def unnan(t):
+    return torch.where(t.isnan(), torch.zeros_like(t), t)
+
+
 def cuda(*ts):
     return tuple(None if t is None else t.to(CUDA) for t in ts)
 
@@ -58,6 +64,52 @@ def main():
         ref = ops.select_scores(q, k, lengths, 0.09, share)
         got = ops.select_scores(*cuda(q, k, lengths), 0.09, share)
         check(f"select_scores share_gqa={share}", close(got, ref, 1e-3))
+
+    # The int4 key summary: a prefill, then a ragged update (its last row past the end)
+    # from k rows that are not 16-byte aligned; both against the CPU bytes. Then scores.
+    I64 = torch.int64
+    for dtype, dim in ((torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 256)):
+        k = torch.randn(2, 2, 700, dim, generator=g).to(dtype)
+        k[1, 0, 5, 3] = float("nan")
+        ref = build_key_summary(k)
+        got = build_key_summary(k.to(CUDA))
+        same = torch.equal(got.codes.cpu(), ref.codes) and torch.equal(
+            got.params.cpu().isnan(), ref.params.isnan()) and torch.equal(
+            got.params.cpu().nan_to_num(7.0), ref.params.nan_to_num(7.0))
+        check(f"summarize_keys prefill {dtype} D={dim}", same)
+        base = torch.randn(2, 2, 3, dim + 8, generator=g).to(dtype)
+        k_new = base[..., 1:dim + 1]  # rows not 16-byte aligned: element-wise loads
+        row_begin = torch.tensor([10, 698], dtype=I64)
+        ops.summarize_keys(k_new, ref.codes, ref.params, row_begin)
+        ops.summarize_keys(k_new.to(CUDA), got.codes, got.params, row_begin.to(CUDA))
+        same = torch.equal(got.codes.cpu(), ref.codes) and torch.equal(
+            got.params.cpu().nan_to_num(7.0), ref.params.nan_to_num(7.0))
+        check(f"summarize_keys update {dtype} D={dim}", same)
+        q = torch.randn(2, 8, dim, generator=g).to(dtype)
+        lengths = torch.tensor([700, 333])
+        for share in (True, False):
+            want = ops.select_scores_summary(q, ref.codes, ref.params, lengths, 0.09, share)
+            have = ops.select_scores_summary(q.to(CUDA), got.codes, got.params, lengths.to(CUDA),
+                                             0.09, share)
+            nan_ok = torch.equal(have.cpu().isnan(), want.isnan())
+            check(f"select_scores_summary {dtype} D={dim} share_gqa={share}",
+                  nan_ok and close(unnan(have), unnan(want), 1e-3))
+    # A summary view whose rows are not 16-byte aligned (element-wise copies and stores).
+    k = torch.randn(1, 2, 50, 64, generator=g)
+    # Padded rows: 33 code bytes and 3 (z, s) pairs per token, of which 32 and 2 are used.
+    codes_full = torch.zeros(1, 2, 51, 33, dtype=torch.uint8)
+    params_full = torch.zeros(1, 2, 51, 3, 2, dtype=torch.float16)
+    codes, params = codes_full[:, :, 1:, :32], params_full[:, :, 1:, :2]
+    codes_d, params_d = codes_full.to(CUDA)[:, :, 1:, :32], params_full.to(CUDA)[:, :, 1:, :2]
+    ops.summarize_keys(k, codes, params, torch.zeros(1, dtype=I64))
+    ops.summarize_keys(k.to(CUDA), codes_d, params_d, torch.zeros(1, dtype=I64, device=CUDA))
+    check("summarize_keys strided summary",
+          torch.equal(codes_d.cpu(), codes) and torch.equal(params_d.cpu(), params))
+    q = torch.randn(1, 4, 64, generator=g)
+    want = ops.select_scores_summary(q, codes, params, torch.tensor([50]), 0.1, True)
+    have = ops.select_scores_summary(q.to(CUDA), codes_d, params_d, torch.tensor([50], device=CUDA),
+                                     0.1, True)
+    check("select_scores_summary strided summary", close(have, want, 1e-3))
 
     # select_topk: 2 long rows (cluster path), then 40 short rows with windows and ties.
     scores = torch.randn(2, 20000, generator=g)

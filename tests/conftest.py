@@ -12,6 +12,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # which installs it: there a missing model is a failure, not a skip.
 if os.environ.get("CI") == "true" and not MODEL_AVAILABLE:
     raise RuntimeError("CI=true but the SmolLM2 `models` extra is not installed (see README)")
+if os.environ.get("CI") == "true" and MODEL_AVAILABLE:
+    from vattention.models import gemma3
+
+    if not gemma3.is_available():
+        raise RuntimeError("CI=true but the `gemma3` extra is not installed (see README)")
 
 
 @pytest.fixture(params=DEVICES)

@@ -235,12 +235,9 @@ CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& pa
 }
 
 
-SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& lengths, double scale, bool share_gqa) {
-  SelectScoresParams p{};
-  p.qkv = qk_params(q, k, scale);
-  TORCH_CHECK(q.size(1) > 0, "vattention: q_heads (0) must be a positive multiple of kv_heads (",
-              k.size(1), ")");
+namespace {
+
+void set_lengths(SelectScoresParams* p, const at::Tensor& q, const at::Tensor& lengths) {
   TORCH_CHECK(lengths.scalar_type() == at::kLong || lengths.scalar_type() == at::kInt,
               "vattention: lengths must be int64 or int32, got ", lengths.scalar_type());
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0),
@@ -248,8 +245,120 @@ SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(lengths.device() == q.device(), "vattention: lengths must be on ", q.device(),
               ", got ", lengths.device());
   TORCH_CHECK(lengths.is_contiguous(), "vattention: lengths must be contiguous");
-  p.lengths = lengths.data_ptr();
-  p.lengths_int64 = lengths.scalar_type() == at::kLong;
+  p->lengths = lengths.data_ptr();
+  p->lengths_int64 = lengths.scalar_type() == at::kLong;
+}
+
+}  // namespace
+
+SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& lengths, double scale, bool share_gqa) {
+  SelectScoresParams p{};
+  p.qkv = qk_params(q, k, scale);
+  TORCH_CHECK(q.size(1) > 0, "vattention: q_heads (0) must be a positive multiple of kv_heads (",
+              k.size(1), ")");
+  set_lengths(&p, q, lengths);
+  p.share_gqa = share_gqa;
+  p.num_splits = 0;
+  p.from_summary = false;
+  return p;
+}
+
+KeySummaryParams key_summary_params(const at::Tensor& codes, const at::Tensor& params,
+                                    int64_t batch, int64_t kv_heads, int64_t dim,
+                                    const at::Tensor& like) {
+  TORCH_CHECK(dim > 0 && dim % kSummaryGroup == 0,
+              "vattention: the key summary needs a head_dim that is a multiple of ",
+              kSummaryGroup, ", got ", dim);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "vattention: codes must be uint8, got ",
+              codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(1) == kv_heads &&
+                  codes.size(3) == dim / 2,
+              "vattention: codes must be [batch, kv_heads, length, head_dim / 2] = [", batch, ", ",
+              kv_heads, ", N, ", dim / 2, "], got ", codes.sizes());
+  TORCH_CHECK(params.scalar_type() == at::kHalf, "vattention: params must be float16, got ",
+              params.scalar_type());
+  TORCH_CHECK(params.dim() == 5 && params.size(0) == batch && params.size(1) == kv_heads &&
+                  params.size(2) == codes.size(2) && params.size(3) == dim / kSummaryGroup &&
+                  params.size(4) == 2,
+              "vattention: params must be [batch, kv_heads, length, head_dim / 32, 2] = [", batch,
+              ", ", kv_heads, ", ", codes.size(2), ", ", dim / kSummaryGroup, ", 2], got ",
+              params.sizes());
+  TORCH_CHECK(codes.device() == like.device(), "vattention: codes must be on ", like.device(),
+              ", got ", codes.device());
+  TORCH_CHECK(params.device() == like.device(), "vattention: params must be on ", like.device(),
+              ", got ", params.device());
+  TORCH_CHECK(codes.stride(3) == 1, "vattention: codes must be contiguous along head_dim / 2");
+  TORCH_CHECK(params.stride(4) == 1 && params.stride(3) == 2,
+              "vattention: params must be contiguous per token");
+  KeySummaryParams s{};
+  s.codes = codes.data_ptr<uint8_t>();
+  s.params = reinterpret_cast<half_t*>(params.data_ptr<at::Half>());
+  s.codes_batch_stride = codes.stride(0);
+  s.codes_head_stride = codes.stride(1);
+  s.codes_row_stride = codes.stride(2);
+  s.params_batch_stride = params.stride(0);
+  s.params_head_stride = params.stride(1);
+  s.params_row_stride = params.stride(2);
+  return s;
+}
+
+SummarizeKeysParams summarize_keys_params(const at::Tensor& k, const at::Tensor& codes,
+                                          const at::Tensor& params, const at::Tensor& row_begin) {
+  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, rows, head_dim], got ",
+              k.sizes());
+  TORCH_CHECK(k.size(3) == 0 || k.stride(3) == 1, "vattention: the head_dim of k must be contiguous");
+  SummarizeKeysParams p{};
+  p.qkv.k = k.data_ptr();
+  p.qkv.dtype = element_type(k, "k");
+  p.qkv.k_batch_stride = k.stride(0);
+  p.qkv.k_head_stride = k.stride(1);
+  p.qkv.k_row_stride = k.stride(2);
+  p.qkv.batch = k.size(0);
+  p.qkv.kv_heads = k.size(1);
+  p.qkv.q_heads = k.size(1);
+  p.qkv.length = k.size(2);
+  p.qkv.head_dim = k.size(3);
+  p.summary = key_summary_params(codes, params, k.size(0), k.size(1), k.size(3), k);
+  TORCH_CHECK(row_begin.scalar_type() == at::kLong, "vattention: row_begin must be int64, got ",
+              row_begin.scalar_type());
+  TORCH_CHECK(row_begin.dim() == 1 && row_begin.size(0) == k.size(0),
+              "vattention: row_begin must have shape [", k.size(0), "], got ", row_begin.sizes());
+  TORCH_CHECK(row_begin.device() == k.device(), "vattention: row_begin must be on ", k.device(),
+              ", got ", row_begin.device());
+  TORCH_CHECK(row_begin.is_contiguous(), "vattention: row_begin must be contiguous");
+  p.row_begin = row_begin.data_ptr<int64_t>();
+  p.rows = k.size(2);
+  p.summary_length = codes.size(2);
+  return p;
+}
+
+SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::Tensor& codes,
+                                                const at::Tensor& params,
+                                                const at::Tensor& lengths, double scale,
+                                                bool share_gqa) {
+  TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(q.stride(2) == 1, "vattention: the head_dim of q must be contiguous");
+  TORCH_CHECK(codes.dim() == 4, "vattention: codes must be [batch, kv_heads, length, head_dim / 2], got ",
+              codes.sizes());
+  const int64_t kv_heads = codes.size(1);
+  TORCH_CHECK(kv_heads > 0 && q.size(1) > 0 && q.size(1) % kv_heads == 0, "vattention: q_heads (",
+              q.size(1), ") must be a positive multiple of kv_heads (", kv_heads, ")");
+  SelectScoresParams p{};
+  p.summary = key_summary_params(codes, params, q.size(0), kv_heads, q.size(2), q);
+  p.from_summary = true;
+  p.qkv.q = q.data_ptr();
+  p.qkv.k = nullptr;
+  p.qkv.q_batch_stride = q.stride(0);
+  p.qkv.q_head_stride = q.stride(1);
+  p.qkv.batch = q.size(0);
+  p.qkv.q_heads = q.size(1);
+  p.qkv.kv_heads = kv_heads;
+  p.qkv.length = codes.size(2);
+  p.qkv.head_dim = q.size(2);
+  p.qkv.dtype = element_type(q, "q");
+  p.qkv.scale = float(scale);
+  set_lengths(&p, q, lengths);
   p.share_gqa = share_gqa;
   p.num_splits = 0;
   return p;

@@ -8,6 +8,7 @@
 
 #include "../vattention/attention_params.h"
 #include "../vattention/combine.h"
+#include "../vattention/key_summary.h"
 #include "../vattention/pilot.h"
 #include "../vattention/sample.h"
 #include "../vattention/select_scores.h"
@@ -55,5 +56,24 @@ CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& pa
 // Hq % Hkv == 0), lengths [B] int32 or int64 on q's device. The caller sets scores.
 SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& lengths, double scale, bool share_gqa);
+
+// codes [B, Hkv, N, D / 2] uint8 and params [B, Hkv, N, D / 32, 2] fp16 (key_summary.h)
+// for head dim `dim` (a multiple of 32), on `like`'s device, contiguous per token (the
+// batch, head and row strides are free). Shared by both summary ops.
+KeySummaryParams key_summary_params(const at::Tensor& codes, const at::Tensor& params,
+                                    int64_t batch, int64_t kv_heads, int64_t dim,
+                                    const at::Tensor& like);
+
+// k [B, Hkv, rows, D] (head_dim contiguous), the summary of k's batch, heads and dim, and
+// row_begin [B] int64 on k's device.
+SummarizeKeysParams summarize_keys_params(const at::Tensor& k, const at::Tensor& codes,
+                                          const at::Tensor& params, const at::Tensor& row_begin);
+
+// q [B, Hq, D] with Hq % Hkv == 0, the summary [B, Hkv, N, ...] for D, lengths as for
+// select_scores. The caller sets scores.
+SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::Tensor& codes,
+                                                const at::Tensor& params,
+                                                const at::Tensor& lengths, double scale,
+                                                bool share_gqa);
 
 }  // namespace vattention::binding

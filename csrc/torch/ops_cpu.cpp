@@ -149,6 +149,30 @@ at::Tensor select_scores_cpu_op(const at::Tensor& q, const at::Tensor& k, const 
   return scores;
 }
 
+void summarize_keys_cpu_op(const at::Tensor& k, const at::Tensor& codes, const at::Tensor& params,
+                           const at::Tensor& row_begin) {
+  const SummarizeKeysParams p = summarize_keys_params(k, codes, params, row_begin);
+  for (int64_t b = 0; b < p.qkv.batch; ++b) {
+    TORCH_CHECK(p.row_begin[b] >= 0, "vattention: row_begin must be >= 0, got ", p.row_begin[b],
+                " in row ", b);
+  }
+  at::parallel_for(0, p.qkv.batch * p.qkv.kv_heads, kGrain,
+                   [&](int64_t begin, int64_t end) { summarize_keys_cpu(p, begin, end); });
+}
+
+at::Tensor select_scores_summary_cpu_op(const at::Tensor& q, const at::Tensor& codes,
+                                        const at::Tensor& params, const at::Tensor& lengths,
+                                        double scale, bool share_gqa) {
+  SelectScoresParams p = select_scores_summary_params(q, codes, params, lengths, scale, share_gqa);
+  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+  at::Tensor scores =
+      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
+  p.scores = scores.data_ptr<float>();
+  at::parallel_for(0, p.qkv.batch * p.qkv.kv_heads, kGrain,
+                   [&](int64_t begin, int64_t end) { select_scores_cpu(p, begin, end); });
+  return scores;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CPU, m) {
@@ -158,6 +182,8 @@ TORCH_LIBRARY_IMPL(vattention, CPU, m) {
   m.impl("sparse_attention", &sparse_attention_cpu_op);
   m.impl("combine", &combine_cpu_op);
   m.impl("select_scores", &select_scores_cpu_op);
+  m.impl("summarize_keys", &summarize_keys_cpu_op);
+  m.impl("select_scores_summary", &select_scores_summary_cpu_op);
 }
 
 }  // namespace vattention::binding

@@ -176,6 +176,38 @@ at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
   return scores;
 }
 
+// Writes the summary rows in place; row_begin stays on the device (positions outside
+// the summary, a negative start included, are skipped by the kernel, not reported).
+// Any head dim that is a multiple of 32 (checked by summarize_keys_params): the kernel
+// is not instantiated per head dim.
+void summarize_keys_cuda_op(const at::Tensor& k, const at::Tensor& codes, const at::Tensor& params,
+                            const at::Tensor& row_begin) {
+  check_cuda(k, "k");
+  const c10::cuda::CUDAGuard guard(k.device());
+  const SummarizeKeysParams p = summarize_keys_params(k, codes, params, row_begin);
+  C10_CUDA_CHECK(summarize_keys_cuda(p, at::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor select_scores_summary_cuda_op(const at::Tensor& q, const at::Tensor& codes,
+                                         const at::Tensor& params, const at::Tensor& lengths,
+                                         double scale, bool share_gqa) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  SelectScoresParams p = select_scores_summary_params(q, codes, params, lengths, scale, share_gqa);
+  check_head_dim(p.qkv.head_dim);
+  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+  at::Tensor scores =
+      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
+  if (scores.numel() == 0) return scores;
+  p.scores = scores.data_ptr<float>();
+  const size_t ws_bytes = select_scores_cuda_workspace_bytes(p);
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
+  C10_CUDA_CHECK(select_scores_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
+                                    at::cuda::getCurrentCUDAStream()));
+  return scores;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
@@ -185,6 +217,8 @@ TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
   m.impl("sparse_attention", &sparse_attention_cuda_op);
   m.impl("combine", &combine_cuda_op);
   m.impl("select_scores", &select_scores_cuda_op);
+  m.impl("summarize_keys", &summarize_keys_cuda_op);
+  m.impl("select_scores_summary", &select_scores_summary_cuda_op);
 }
 
 }  // namespace vattention::binding

@@ -48,4 +48,11 @@ TORCH_LIBRARY(vattention, m) {
   m.def("combine(Tensor partial_out, Tensor partial_lse) -> (Tensor, Tensor)");
   m.def(
       "select_scores(Tensor q, Tensor k, Tensor lengths, float scale, bool share_gqa) -> Tensor");
+  // The key summary (key_summary.h): written in place, so that decode updates the
+  // rows it appends without reallocating the cache-side summary.
+  m.def(
+      "summarize_keys(Tensor k, Tensor(a!) codes, Tensor(b!) params, Tensor row_begin) -> ()");
+  m.def(
+      "select_scores_summary(Tensor q, Tensor codes, Tensor params, Tensor lengths, float scale, "
+      "bool share_gqa) -> Tensor");
 }

@@ -55,6 +55,31 @@ VATT_HD float to_float(half_t x) {
   return bits_to_float(sign | (uint32_t(112 - e) << 23) | ((mantissa & 0x3ffu) << 13));
 }
 
+// float -> fp16, round to nearest even, bit exact on host and device: the key
+// summary's CPU and CUDA builds must write identical bytes, and integer ops on the
+// bits are immune to --use_fast_math and to the host's rounding mode. NaN keeps its
+// sign and becomes the quiet NaN 0x7e00 (as torch's conversion writes it); overflow
+// gives inf; results below the normal range round to a subnormal or to zero.
+VATT_HD half_t to_half_rn(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t mag = u & 0x7fffffffu;
+  if (mag > 0x7f800000u) return half_t{uint16_t(sign | 0x7e00u)};      // NaN
+  if (mag >= 0x477ff000u) return half_t{uint16_t(sign | 0x7c00u)};     // >= 65520: inf
+  if (mag >= 0x38800000u) {                                            // normal half
+    const uint32_t base = mag - 0x38000000u;                           // rebias 127 -> 15
+    return half_t{uint16_t(sign | ((base + 0xfffu + ((base >> 13) & 1u)) >> 13))};
+  }
+  if (mag <= 0x33000000u) return half_t{sign};                         // <= 2^-25: zero
+  // Subnormal half: value / 2^-24 = m * 2^(e - 126), m with its implicit bit.
+  const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - (mag >> 23);                           // 14..24
+  const uint32_t rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+  uint32_t h = m >> shift;
+  if (rem > halfway || (rem == halfway && (h & 1u))) ++h;              // 0x400: min normal
+  return half_t{uint16_t(sign | h)};
+}
+
 // Maps a float to an unsigned key whose integer order is the float order, with
 // every NaN (either sign, any payload) above every number and equal to every other
 // NaN, as torch.topk ranks them: a token with a NaN score is selected first, so

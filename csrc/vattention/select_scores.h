@@ -10,9 +10,14 @@
 // with lse_h replaced by 0 where it is not finite (an empty row, or NaN / inf
 // logits), and NaN propagating through the max, as in the torch reference.
 // Each K row is read once per KV group. Only q's and K's head_dim must be contiguous.
+//
+// from_summary (the "int4" selector, key_summary.h): the same scores with K replaced by
+// the dequantised summary K~ = z_g + s_g * code; qkv.k is null and K is never read, only
+// the summary's D / 2 + 4 D / 32 bytes per token. The oracle path is unchanged.
 #pragma once
 
 #include "attention_params.h"
+#include "key_summary.h"
 
 namespace vattention {
 
@@ -23,6 +28,8 @@ struct SelectScoresParams {
   bool share_gqa;
   float* scores;          // [batch, share_gqa ? kv_heads : q_heads, length], contiguous
   int64_t num_splits;     // CUDA: position splits per (batch, KV head); 0 = from the device
+  KeySummaryParams summary;  // read instead of qkv.k when from_summary
+  bool from_summary;
 
   VATT_HD int64_t length_of(int64_t b) const {
     const int64_t n = lengths_int64 ? static_cast<const int64_t*>(lengths)[b]

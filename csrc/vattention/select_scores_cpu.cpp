@@ -1,6 +1,6 @@
-// CPU oracle selection scores (select_scores.h, SelectScoresParams): one (batch, KV
-// head) pair at a time, each K row converted once and dotted with every query
-// head of the group.
+// CPU selection scores (select_scores.h, SelectScoresParams): one (batch, KV head)
+// pair at a time, each K row (or its dequantised summary) converted once and dotted
+// with every query head of the group.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -31,6 +31,24 @@ float usable_lse(const float* x, int64_t n) {
   return std::isfinite(lse) ? lse : 0.f;
 }
 
+// K~_d = z_g + s_g * code_d of one token (key_summary.h).
+void dequantize_key(const KeySummaryParams& s, int64_t b, int64_t kv, int64_t i, int64_t dim,
+                    float* key) {
+  const uint8_t* codes = s.codes + b * s.codes_batch_stride + kv * s.codes_head_stride +
+                         i * s.codes_row_stride;
+  const half_t* params = s.params + b * s.params_batch_stride + kv * s.params_head_stride +
+                         i * s.params_row_stride;
+  for (int64_t g = 0; g < dim / kSummaryGroup; ++g) {
+    const float zero = to_float(params[2 * g]), step = to_float(params[2 * g + 1]);
+    const uint8_t* c = codes + g * (kSummaryGroup / 2);
+    float* out = key + g * kSummaryGroup;
+    for (int j = 0; j < kSummaryGroup / 2; ++j) {
+      out[2 * j] = zero + step * float(c[j] & 0xfu);
+      out[2 * j + 1] = zero + step * float(c[j] >> 4);
+    }
+  }
+}
+
 template <typename T>
 void select_scores_lists(const SelectScoresParams& p, int64_t list_begin, int64_t list_end) {
   const QKVParams& qkv = p.qkv;
@@ -52,8 +70,12 @@ void select_scores_lists(const SelectScoresParams& p, int64_t list_begin, int64_
     if (p.share_gqa) logits.assign(size_t(group * len), 0.f);
     auto dst = [&](int64_t g) { return p.share_gqa ? logits.data() + g * len : direct + g * n; };
     for (int64_t i = 0; i < len; ++i) {
-      const T* k = rows.key(b, kv, i);
-      for (int64_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
+      if (p.from_summary) {
+        dequantize_key(p.summary, b, kv, i, dim, key.data());
+      } else {
+        const T* k = rows.key(b, kv, i);
+        for (int64_t d = 0; d < dim; ++d) key[d] = to_float(k[d]);
+      }
       for (int64_t g = 0; g < group; ++g) {
         const float* qg = q.data() + g * dim;
         float dot = 0.f;

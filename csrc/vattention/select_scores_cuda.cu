@@ -1,5 +1,19 @@
-// CUDA oracle selection scores (select_scores.h, SelectScoresParams): the values of
-// select_scores_cpu, reading every K row once per KV group.
+// CUDA selection scores (select_scores.h, SelectScoresParams): the values of
+// select_scores_cpu, reading every K row (or its int4 summary, from_summary) once
+// per KV group.
+//
+// Key sources. Kernel 1 is written once against a key-source policy, so the lse,
+// group max and NaN handling below are shared by both selectors:
+//   DenseKeys<T, D>:  K rows of q's dtype, 16-byte cp.async chunks;
+//   SummaryKeys<D>:   key_summary.h's rows, D / 2 code bytes (16-byte chunks) and
+//                     D / 8 bytes of (zero, step) pairs (16-byte chunks, 8-byte at
+//                     D = 64) per token, dequantised in registers: a lane owns 8
+//                     consecutive channels (one 32-bit code word, one group's pair),
+//                     the layout of GatherConfig<half_t, D>, so q slices and the
+//                     reduce-scatter are those of a 16-bit dense row.
+// A policy gives the lane layout L (kTpr lanes per row, kEpt elements each,
+// dim_of), the tile rows and bytes of a pipeline stage, the per-(b, KV head) row
+// pointers, the copies of a tile and the conversion of one row slice to floats.
 //
 // Kernel 1, select_logits_kernel: one block per (batch, KV head, split of the
 // positions, chunk of <= HB query heads of the group; one chunk unless the group
@@ -24,7 +38,10 @@
 // through an explicit NaN flag. The NaN and finiteness tests read the bits: they
 // must not depend on what --use_fast_math does to float compares.
 // The per-head logits make one extra fp32 write + read per (head, position)
-// (8 bytes against the 2 * head_dim bytes of a bf16 K row per group).
+// (8 bytes against the 2 * head_dim bytes of a bf16 K row per group; against a
+// summary row of 5 * head_dim / 8 bytes they add 45% to its traffic at D = 128 and a
+// group of 4, which recomputing the logits in a second pass would not beat: that
+// pass would read the summary again).
 #include "dispatch.h"
 #include "kv_gather_cuda.cuh"
 #include "select_scores.h"
@@ -39,25 +56,169 @@ constexpr int64_t score_tile_rows(int64_t row_bytes) {
   return 16384 / row_bytes < 8 ? 8 : (16384 / row_bytes > 128 ? 128 : 16384 / row_bytes);
 }
 
+// Summary rows per stage: 128 (5 and 10 KiB at D = 64, 128), 64 at D = 256 (10 KiB;
+// 128 rows there unroll into 168 registers at HB = 8). The row groups need a
+// power-of-two share of the tile, which 16 KiB / (5 D / 8) bytes would not give.
+constexpr int64_t summary_tile_rows(int64_t dim) { return dim >= 256 ? 64 : 128; }
+
+__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int src_bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(smem_dst)),
+               "l"(gmem_src), "r"(src_bytes));
+#else
+  uint2 v = make_uint2(0, 0);
+  if (valid) v = *reinterpret_cast<const uint2*>(gmem_src);
+  *reinterpret_cast<uint2*>(smem_dst) = v;
+#endif
+}
+
+// Copies one `Bytes`-byte unit (16 or 8) of a row into shared memory: cp.async when
+// aligned, else `Raw`-sized element copies; zero-filled without a read when !valid.
+template <int Bytes, typename Raw>
+__device__ __forceinline__ void copy_unit(unsigned char* to, const unsigned char* src, bool valid,
+                                          bool aligned) {
+  if (aligned) {
+    if constexpr (Bytes == 16) {
+      cp_async_16(to, src, valid);
+    } else {
+      static_assert(Bytes == 8, "16- or 8-byte units");
+      cp_async_8(to, src, valid);
+    }
+  } else {
+    constexpr int kN = Bytes / int(sizeof(Raw));
+    Raw* d = reinterpret_cast<Raw*>(to);
+    const Raw* s = reinterpret_cast<const Raw*>(src);
+#pragma unroll
+    for (int e = 0; e < kN; ++e) d[e] = valid ? s[e] : Raw(0);
+  }
+}
+
+// K rows of q's dtype T.
 template <typename T, int D>
+struct DenseKeys {
+  using L = GatherConfig<T, D>;
+  static constexpr int kRows = int(score_tile_rows(L::kRowBytes));
+  static constexpr int kTileBytes = kRows * L::kRowBytes;
+  static constexpr int kCopies = kRows * L::kChunksPerRow;  // 16-byte units per tile
+
+  struct Rows {
+    const T* k;
+    int64_t row_stride;
+  };
+
+  __device__ __forceinline__ static Rows rows(const SelectScoresParams& p, int64_t b, int64_t kv) {
+    const QKVParams& qkv = p.qkv;
+    return {static_cast<const T*>(qkv.k) + b * qkv.k_batch_stride + kv * qkv.k_head_stride,
+            qkv.k_row_stride};
+  }
+
+  // Copy unit c (< kCopies) of tile rows [row0, row0 + kRows); rows >= valid_end zero-filled.
+  __device__ __forceinline__ static void issue(unsigned char* dst, const Rows& w, int c,
+                                               int64_t row0, int64_t valid_end, bool aligned) {
+    const int r = c / L::kChunksPerRow;
+    const int chunk = c - r * L::kChunksPerRow;
+    const int64_t j = row0 + r;
+    const bool valid = j < valid_end;
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(w.k);
+    if (valid) src = reinterpret_cast<const unsigned char*>(w.k + j * w.row_stride) + chunk * 16;
+    using Raw = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
+    copy_unit<16, Raw>(dst + r * L::kRowBytes + chunk * 16, src, valid, aligned);
+  }
+
+  __device__ __forceinline__ static void load(const unsigned char* tile, int r, int lane,
+                                              float (&kf)[L::kEpt]) {
+    load_row_slice<T, D>(tile + r * L::kRowBytes, lane, kf);
+  }
+};
+
+// key_summary.h's rows; a stage holds [kRows code rows][kRows param rows].
+template <int D>
+struct SummaryKeys {
+  using L = GatherConfig<half_t, D>;
+  static_assert(L::kEpt == 8 && L::kTpr * 8 == D, "a lane owns 8 consecutive channels");
+  static constexpr int kCodeBytes = D / 2;                              // per row
+  static constexpr int kParamBytes = 4 * (D / kSummaryGroup);           // per row
+  static constexpr int kParamUnit = kParamBytes < 16 ? 8 : 16;          // copy unit
+  static constexpr int kCodeUnits = kCodeBytes / 16;
+  static constexpr int kParamUnits = kParamBytes / kParamUnit;
+  static constexpr int kRows = int(summary_tile_rows(D));
+  static constexpr int kTileBytes = kRows * (kCodeBytes + kParamBytes);
+  static constexpr int kCopies = kRows * (kCodeUnits + kParamUnits);
+  static_assert(kParamBytes % kParamUnit == 0 && kCodeBytes % 16 == 0, "whole copy units");
+
+  struct Rows {
+    const uint8_t* codes;
+    const half_t* params;
+    int64_t codes_row_stride, params_row_stride;
+  };
+
+  __device__ __forceinline__ static Rows rows(const SelectScoresParams& p, int64_t b, int64_t kv) {
+    const KeySummaryParams& s = p.summary;
+    return {s.codes + b * s.codes_batch_stride + kv * s.codes_head_stride,
+            s.params + b * s.params_batch_stride + kv * s.params_head_stride, s.codes_row_stride,
+            s.params_row_stride};
+  }
+
+  // Units [0, kRows * kCodeUnits) are code chunks, the rest (z, s) chunks.
+  __device__ __forceinline__ static void issue(unsigned char* dst, const Rows& w, int c,
+                                               int64_t row0, int64_t valid_end, bool aligned) {
+    if (c < kRows * kCodeUnits) {
+      const int r = c / kCodeUnits;
+      const int chunk = c - r * kCodeUnits;
+      const int64_t j = row0 + r;
+      const bool valid = j < valid_end;
+      const unsigned char* src = w.codes;
+      if (valid) src = w.codes + j * w.codes_row_stride + chunk * 16;
+      copy_unit<16, uint8_t>(dst + r * kCodeBytes + chunk * 16, src, valid, aligned);
+    } else {
+      const int u = c - kRows * kCodeUnits;
+      const int r = u / kParamUnits;
+      const int chunk = u - r * kParamUnits;
+      const int64_t j = row0 + r;
+      const bool valid = j < valid_end;
+      const unsigned char* src = reinterpret_cast<const unsigned char*>(w.params);
+      if (valid) {
+        src = reinterpret_cast<const unsigned char*>(w.params + j * w.params_row_stride) +
+              chunk * kParamUnit;
+      }
+      copy_unit<kParamUnit, uint16_t>(dst + kRows * kCodeBytes + r * kParamBytes + chunk * kParamUnit,
+                                      src, valid, aligned);
+    }
+  }
+
+  // K~_d = z_g + s_g * code_d for this lane's channels 8 * lane + e (group lane / 4).
+  // An infinite step meets code 0 in the group's minimum: inf * 0 = NaN, as on the CPU.
+  __device__ __forceinline__ static void load(const unsigned char* tile, int r, int lane,
+                                              float (&kf)[L::kEpt]) {
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(tile + r * kCodeBytes + lane * 4);
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(tile + kRows * kCodeBytes +
+                                                             r * kParamBytes + (lane / 4) * 4);
+    const float zero = half_bits_to_float(pair & 0xffffu);
+    const float step = half_bits_to_float(pair >> 16);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) kf[e] = fmaf(step, float((word >> (4 * e)) & 0xfu), zero);
+  }
+};
+
+template <class KS>
 struct ScoreConfig {
-  using L = GatherConfig<T, D>;  // lanes per row, elements per lane, dim_of
+  using L = typename KS::L;  // lanes per row, elements per lane, dim_of
   static constexpr int kThreads = L::kThreads;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTpr = L::kTpr;
   static constexpr int kEpt = L::kEpt;
   static constexpr int kGroups = L::kGroups;
-  static constexpr int kRowBytes = L::kRowBytes;
-  static constexpr int kChunksPerRow = L::kChunksPerRow;
-  static constexpr int kRows = int(score_tile_rows(kRowBytes));
+  static constexpr int kRows = KS::kRows;
   static constexpr int kRowsPerGroup = kRows / kGroups;
   static constexpr int kStages = 4;
-  static constexpr int kTileBytes = kRows * kRowBytes;
+  static constexpr int kTileBytes = KS::kTileBytes;
   static constexpr int kPipeBytes = kStages * kTileBytes;
 
   static_assert(kRows % kGroups == 0, "tile rows split evenly over row groups");
-  static_assert((kRows * kChunksPerRow) % kThreads == 0, "whole copy rounds");
+  static_assert(KS::kCopies % kThreads == 0, "whole copy rounds");
   static_assert((kRowsPerGroup & (kRowsPerGroup - 1)) == 0, "power-of-two rows per group");
+  static_assert(kTileBytes % 16 == 0, "16-byte aligned stages");
 };
 
 __device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
@@ -92,40 +253,25 @@ struct ReduceScatter {
   }
 };
 
-// Issues the copies of rows [row0, row0 + kRows) of k into a pipeline stage;
-// rows at or beyond valid_end are zero-filled without being read.
-template <typename T, int D>
-__device__ __forceinline__ void issue_rows(unsigned char* dst, const T* k, int64_t row0,
-                                           int64_t valid_end, int64_t row_stride, bool aligned) {
-  using C = ScoreConfig<T, D>;
+// Issues the copies of rows [row0, row0 + kRows) of a key source into a pipeline
+// stage; rows at or beyond valid_end are zero-filled without being read.
+template <class KS>
+__device__ __forceinline__ void issue_rows(unsigned char* dst, const typename KS::Rows& w,
+                                           int64_t row0, int64_t valid_end, bool aligned) {
+  using C = ScoreConfig<KS>;
 #pragma unroll
-  for (int it = 0; it < C::kRows * C::kChunksPerRow / C::kThreads; ++it) {
-    const int c = int(threadIdx.x) + it * C::kThreads;
-    const int r = c / C::kChunksPerRow;
-    const int chunk = c - r * C::kChunksPerRow;
-    const int64_t j = row0 + r;
-    const bool valid = j < valid_end;
-    const unsigned char* src = reinterpret_cast<const unsigned char*>(k);
-    if (valid) src = reinterpret_cast<const unsigned char*>(k + j * row_stride) + chunk * 16;
-    unsigned char* to = dst + r * C::kRowBytes + chunk * 16;
-    if (aligned) {
-      cp_async_16(to, src, valid);
-    } else {
-      using Raw = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
-      constexpr int kN = 16 / int(sizeof(T));
-      Raw* d = reinterpret_cast<Raw*>(to);
-      const Raw* s = reinterpret_cast<const Raw*>(src);
-#pragma unroll
-      for (int e = 0; e < kN; ++e) d[e] = valid ? s[e] : Raw(0);
-    }
+  for (int it = 0; it < KS::kCopies / C::kThreads; ++it) {
+    KS::issue(dst, w, int(threadIdx.x) + it * C::kThreads, row0, valid_end, aligned);
   }
 }
 
-template <typename T, int D, int HB>
-__global__ void __launch_bounds__(ScoreConfig<T, D>::kThreads)
+// KS: the key source; T: q's dtype (also K's for DenseKeys).
+template <class KS, typename T, int HB>
+__global__ void __launch_bounds__(ScoreConfig<KS>::kThreads)
 select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
                      const int64_t splits, const int64_t rows_per_split, const bool aligned) {
-  using C = ScoreConfig<T, D>;
+  using C = ScoreConfig<KS>;
+  using L = typename KS::L;
   constexpr int kSub = C::kRowsPerGroup < (HB >= 16 ? 1 : 16 / HB) ? C::kRowsPerGroup
                                                                    : (HB >= 16 ? 1 : 16 / HB);
   constexpr int kV = HB * kSub;  // partial dots per lane per sub-batch, index g * kSub + rr
@@ -147,7 +293,7 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
   const int64_t begin = min(split * rows_per_split, n);
   const int64_t end = min(begin + rows_per_split, n);
   const int64_t valid_end = max(begin, min(end, p.length_of(b)));
-  const T* k = static_cast<const T*>(qkv.k) + b * qkv.k_batch_stride + kv * qkv.k_head_stride;
+  const typename KS::Rows k = KS::rows(p, b, kv);
   float* head_logits = logits + (b * qkv.q_heads + h0) * n;  // head g at + g * n
 
   const int tid = threadIdx.x;
@@ -159,7 +305,9 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
 #pragma unroll
   for (int g = 0; g < HB; ++g) {
     if (g < heads) {
-      load_query_slice<T, D>(qkv, b, h0 + g, lane, q[g]);
+      const T* qh = static_cast<const T*>(qkv.q) + b * qkv.q_batch_stride + (h0 + g) * qkv.q_head_stride;
+#pragma unroll
+      for (int e = 0; e < C::kEpt; ++e) q[g][e] = load_float(qh + L::dim_of(lane, e));
     } else {
 #pragma unroll
       for (int e = 0; e < C::kEpt; ++e) q[g][e] = 0.f;
@@ -176,8 +324,8 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
     if (s < tiles) {
-      issue_rows<T, D>(pipe + s * C::kTileBytes, k, begin + int64_t(s) * C::kRows, valid_end,
-                       qkv.k_row_stride, aligned);
+      issue_rows<KS>(pipe + s * C::kTileBytes, k, begin + int64_t(s) * C::kRows, valid_end,
+                     aligned);
     }
     cp_async_commit();
   }
@@ -188,8 +336,8 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
     {
       const int64_t next = t + C::kStages - 1;
       if (next < tiles) {
-        issue_rows<T, D>(pipe + int(next % C::kStages) * C::kTileBytes, k,
-                         begin + next * C::kRows, valid_end, qkv.k_row_stride, aligned);
+        issue_rows<KS>(pipe + int(next % C::kStages) * C::kTileBytes, k, begin + next * C::kRows,
+                       valid_end, aligned);
       }
       cp_async_commit();
     }
@@ -204,7 +352,7 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
       for (int rr = 0; rr < kSub; ++rr) {
         const int r = (sb * kSub + rr) * C::kGroups + grp;
         float kf[C::kEpt];
-        load_row_slice<T, D>(tile + r * C::kRowBytes, lane, kf);
+        KS::load(tile, r, lane, kf);
 #pragma unroll
         for (int g = 0; g < HB; ++g) {
           float dot = 0.f;
@@ -343,7 +491,8 @@ Plan make_plan(const SelectScoresParams& p, int num_sms) {
   plan.hb = heads_per_block(group, /*per_head_lists=*/false);
   plan.chunks = ceil_div(group, plan.hb);
   const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
-  const int64_t tile_rows = score_tile_rows(qkv.head_dim * elem);
+  const int64_t tile_rows =
+      p.from_summary ? summary_tile_rows(qkv.head_dim) : score_tile_rows(qkv.head_dim * elem);
   const int64_t tiles = std::max<int64_t>(ceil_div(qkv.length, tile_rows), 1);
   const int64_t blocks = std::max<int64_t>(qkv.batch * qkv.kv_heads * plan.chunks, 1);
   const int64_t wanted = p.num_splits > 0 ? p.num_splits
@@ -354,22 +503,38 @@ Plan make_plan(const SelectScoresParams& p, int num_sms) {
   return plan;
 }
 
-bool k_rows_aligned(const QKVParams& qkv) {
-  const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
-  auto ok_stride = [&](int64_t stride, int64_t extent) {
-    return extent <= 1 || ((stride * elem) & 15) == 0;
+// Whether every row of the key source can be copied in cp.async units: 16 bytes for
+// K rows and summary codes, 16 (8 at D = 64) for the summary's (zero, step) rows.
+bool rows_aligned(const SelectScoresParams& p) {
+  const QKVParams& qkv = p.qkv;
+  auto ok = [](const void* ptr, int64_t unit) {
+    return (reinterpret_cast<uintptr_t>(ptr) % uintptr_t(unit)) == 0;
   };
-  return (reinterpret_cast<uintptr_t>(qkv.k) & 15u) == 0 &&
-         ok_stride(qkv.k_batch_stride, qkv.batch) && ok_stride(qkv.k_head_stride, qkv.kv_heads) &&
-         ok_stride(qkv.k_row_stride, qkv.length);
+  auto ok_stride = [](int64_t stride_bytes, int64_t extent, int64_t unit) {
+    return extent <= 1 || stride_bytes % unit == 0;
+  };
+  if (p.from_summary) {
+    const KeySummaryParams& s = p.summary;
+    const int64_t unit = 4 * (qkv.head_dim / kSummaryGroup) < 16 ? 8 : 16;
+    return ok(s.codes, 16) && ok_stride(s.codes_batch_stride, qkv.batch, 16) &&
+           ok_stride(s.codes_head_stride, qkv.kv_heads, 16) &&
+           ok_stride(s.codes_row_stride, qkv.length, 16) && ok(s.params, unit) &&
+           ok_stride(s.params_batch_stride * 2, qkv.batch, unit) &&
+           ok_stride(s.params_head_stride * 2, qkv.kv_heads, unit) &&
+           ok_stride(s.params_row_stride * 2, qkv.length, unit);
+  }
+  const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
+  return ok(qkv.k, 16) && ok_stride(qkv.k_batch_stride * elem, qkv.batch, 16) &&
+         ok_stride(qkv.k_head_stride * elem, qkv.kv_heads, 16) &&
+         ok_stride(qkv.k_row_stride * elem, qkv.length, 16);
 }
 
-template <typename T, int D, int HB>
+template <class KS, typename T, int HB>
 cudaError_t launch_logits(const SelectScoresParams& p, const Plan& plan, float* logits,
                           float* partials, cudaStream_t stream) {
-  using C = ScoreConfig<T, D>;
+  using C = ScoreConfig<KS>;
   static std::atomic<int> smem_set[kMaxDevices];
-  auto kernel = select_logits_kernel<T, D, HB>;
+  auto kernel = select_logits_kernel<KS, T, HB>;
   constexpr int kSmem = C::kPipeBytes + HB * C::kRows * int(sizeof(float));
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -378,7 +543,7 @@ cudaError_t launch_logits(const SelectScoresParams& p, const Plan& plan, float* 
   if (err != cudaSuccess) return err;
   const dim3 grid{unsigned(p.qkv.batch * p.qkv.kv_heads * plan.splits), unsigned(plan.chunks), 1};
   return launch_kernel(kernel, grid, dim3(C::kThreads), size_t(kSmem), stream, 1, p, logits,
-                       partials, plan.splits, plan.rows_per_split, k_rows_aligned(p.qkv));
+                       partials, plan.splits, plan.rows_per_split, rows_aligned(p));
 }
 
 // Workspace of share_gqa: logits [B * Hq * N], partials [B * Hq * splits * 2], lse [B * Hq].
@@ -425,9 +590,12 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
   err = dispatch_dtype(qkv.dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_head_dim(qkv.head_dim, cudaErrorInvalidValue, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
       return dispatch_heads_per_block(plan.hb, cudaErrorInvalidValue, [&](auto hb) {
-        return launch_logits<T, decltype(dim)::value, decltype(hb)::value>(p, plan, logits, partials,
-                                                                           stream);
+        constexpr int HB = decltype(hb)::value;
+        return p.from_summary
+                   ? launch_logits<SummaryKeys<D>, T, HB>(p, plan, logits, partials, stream)
+                   : launch_logits<DenseKeys<T, D>, T, HB>(p, plan, logits, partials, stream);
       });
     });
   });

@@ -1,7 +1,7 @@
 """vAttention: verified sparse attention for LLM decoding."""
 from .config import VAttentionConfig
 from .decode import decode
-from . import budget, ops
+from . import budget, key_summary, ops
 
-__all__ = ["VAttentionConfig", "decode", "budget", "ops"]
+__all__ = ["VAttentionConfig", "decode", "budget", "key_summary", "ops"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ Size = Union[int, float]
 
 RULES = ("ratio", "paper", "denominator")
 VERIFIED_RULES = ("ratio", "paper")
-SELECTORS = ("oracle",)
+SELECTORS = ("oracle", "int4")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,13 @@ class VAttentionConfig:
         coverage tests), "paper" (numerator and denominator bounded separately:
         safe, about twice the density) or "denominator" (the authors' public code:
         NOT verified, kept for comparison).
-    selector: how heavy hitters are chosen; "oracle" is exact top-k of the logits.
+    selector: how heavy hitters are chosen. "oracle": exact top-k of the logits (reads all of
+        K: half of dense attention's bytes). "int4": top-k of the logits of a 4-bit copy of K
+        (vattention.key_summary: a zero and a step per 32 channels, D / 2 + 4 D / 32 bytes a
+        token, 0.156 of a 16-bit cache's K and V rows) kept beside the cache; decode builds
+        it from k when no key_summary is passed. Both are unbiased whatever they select;
+        the guarantee needs the selector to keep most of the attention mass, which the
+        coverage tests check for each.
     share_gqa: query heads of one KV head share one index list (scores combined,
         budget = max over the group), so every K/V row is read once per group.
     num_splits: split-K factor of the attention kernel; 0 picks one from the device.

@@ -16,6 +16,7 @@ import torch
 
 from .config import VAttentionConfig
 from .decode import decode
+from .key_summary import KeySummary, build_key_summary
 from .reference import dense
 
 Tensor = torch.Tensor
@@ -69,6 +70,7 @@ class Coverage:
     trials: int
     density: Tensor      # [heads] mean density
     mean_error: Tensor   # [heads] mean relative error
+    relative_bytes: Optional[Tensor] = None  # [heads] mean stats["relative_bytes"]
 
     @property
     def rate(self) -> float:
@@ -77,7 +79,9 @@ class Coverage:
     def summary(self) -> Dict[str, float]:
         return {"violation_rate": self.rate, "density": float(self.density.mean()),
                 "worst_head_rate": float(self.violations.max()) / self.trials,
-                "mean_error": float(self.mean_error.mean())}
+                "mean_error": float(self.mean_error.mean()),
+                "relative_bytes": (math.nan if self.relative_bytes is None
+                                   else float(self.relative_bytes.mean()))}
 
 
 def measure(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, trials: int,
@@ -88,20 +92,27 @@ def measure(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, trials: int,
     violations = torch.zeros(q.shape[1], dtype=torch.int64)
     density = torch.zeros(q.shape[1], dtype=torch.float64)
     error_sum = torch.zeros(q.shape[1], dtype=torch.float64)
+    bytes_sum = torch.zeros(q.shape[1], dtype=torch.float64)
+    # The trials share one K: summarise it once, as a cache would, not once per trial.
+    summary = build_key_summary(k) if cfg.selector == "int4" else None
     done = 0
     call = 0
     while done < trials:
         batch = min(chunk, trials - done)
+        trial_summary = None if summary is None else KeySummary(
+            summary.codes.expand(batch, -1, -1, -1), summary.params.expand(batch, -1, -1, -1, -1))
         out, stats = decode(q.expand(batch, -1, -1), k.expand(batch, -1, -1, -1),
                             v.expand(batch, -1, -1, -1), cfg, scale=scale,
-                            seed=(seed, call), return_stats=True)
+                            seed=(seed, call), return_stats=True, key_summary=trial_summary)
         error = (out.double() - exact).norm(dim=-1) / exact_norm
         violations += (error > cfg.epsilon).sum(0)
         density += stats["density"].double().sum(0)
+        bytes_sum += stats["relative_bytes"].double().sum(0)
         error_sum += error.sum(0)
         done += batch
         call += 1
-    return Coverage(violations, trials, density / trials, error_sum / trials)
+    return Coverage(violations, trials, density / trials, error_sum / trials,
+                    bytes_sum / trials)
 
 
 def binomial_upper(trials: int, p: float, alpha: float) -> int:

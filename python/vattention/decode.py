@@ -17,6 +17,7 @@ import torch
 from . import budget as budget_rules
 from . import ops
 from .config import VAttentionConfig, check_qkv, resolve_size, resolve_sizes
+from .key_summary import KeySummary, summary_bytes_per_token
 from .select import select_scores
 
 Tensor = torch.Tensor
@@ -125,14 +126,18 @@ def _per_head(values: Tensor, batch: int, list_heads: int, q_heads: int) -> Tens
 def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = None,
            seq_lens: Union[None, Tensor, Sequence[int]] = None, scale: Optional[float] = None,
            seed: SeedLike = None, return_stats: bool = False,
-           stage_timer: Optional[Callable[[str], ContextManager]] = None):
+           stage_timer: Optional[Callable[[str], ContextManager]] = None,
+           key_summary: Optional[KeySummary] = None):
     """Sparse attention of one decode query per (batch, head) with an (epsilon, delta) guarantee.
 
     q: [B, Hq, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0; seq_lens: [B] valid lengths
     (default N); scale: logit scale (default 1/sqrt(D)); seed: None (torch's generator),
     an int, a (seed, offset) pair, or an int64 device tensor [seed, offset].
+    key_summary: the int4 summary of k (vattention.key_summary, kept beside the cache) that
+    selector "int4" scores; None builds one from k (convenient for one-off calls, and not
+    counted in relative_bytes: a cache pays it once per appended token). Ignored by "oracle".
     Returns out [B, Hq, D] in q's dtype, and with return_stats a dict of per-head
-    device tensors (see README). stage_timer(name), if given, wraps each stage
+    device tensors (see README and docs/api.md). stage_timer(name), if given, wraps each stage
     (select_scores, select_topk, attend, pilot, budget, sample, combine) so a benchmark can
     time them; the select stage is skipped where no row has a heavy hitter.
     """
@@ -150,6 +155,12 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     lengths = _lengths(seq_lens, batch, length, device)
     rng = _rng_state(seed, device)
     list_heads = kv_heads if cfg.share_gqa else q_heads
+    if cfg.selector == "int4" and key_summary is not None:
+        # (None: select_scores builds one from k, and only if a row has a heavy hitter.)
+        if not isinstance(key_summary, KeySummary):
+            raise TypeError(f"key_summary must be a vattention.key_summary.KeySummary, got "
+                            f"{type(key_summary).__name__}")
+        key_summary.check(batch, kv_heads, length, dim, device)
 
     # Token budget of every row, as device tensors [B].
     sink = resolve_sizes(cfg.sink, lengths)
@@ -171,7 +182,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
 
     if heavy_max > 0:
         with stage("select_scores"):
-            scores = select_scores(q, k, lengths, scale, cfg.share_gqa)
+            scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
+                                   key_summary)
         with stage("select_topk"):
             heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows,
                                         ends_rows, _per_list(heavy, list_heads), heavy_max)
@@ -259,7 +271,11 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     achieved = torch.where(
         exact | (n_residual_f == 0), torch.zeros_like(required),
         cfg.epsilon * torch.sqrt(required / sampled_heads.to(torch.float64).clamp(min=1.0)))
+    relative_bytes = _relative_bytes(cfg, k, lengths, heavy_max, det_idx, det_counts,
+                                     (pilot_idx, pilot_counts), (sample_idx, sample_counts),
+                                     list_heads, q_heads)
     stats = {
+        "relative_bytes": relative_bytes,
         "budget": sampled_heads,
         "required": required,
         "pilot": pilot_heads,
@@ -271,3 +287,43 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         "heavy_indices": heavy_idx.view(batch, list_heads, heavy_max),
     }
     return out, stats
+
+
+def _valid_entries(indices: Tensor, counts: Tensor) -> Tensor:
+    """Entries each list's kernel loads: the first `count`, skipping -1 padding. [rows]"""
+    indices = indices.reshape(counts.numel(), -1)
+    slots = torch.arange(indices.shape[1], device=indices.device)
+    inside = (slots[None, :] < counts.reshape(-1, 1)) & (indices >= 0)
+    return inside.sum(dim=1)
+
+
+def _relative_bytes(cfg: VAttentionConfig, k: Tensor, lengths: Tensor, heavy_max: int,
+                    det_idx: Tensor, det_counts: Tensor, pilot, sample, list_heads: int,
+                    q_heads: int) -> Tensor:
+    """stats["relative_bytes"] [B, Hq] float32 (docs/api.md): the bytes this step's kernels
+    read for the head's KV group over dense attention's bytes for that group.
+
+    Dense reads K and V of every valid token once per group: 2 n D elem. The selector
+    reads, once per group, all n valid K rows (oracle: n D elem) or their summaries
+    (int4: n summary_bytes_per_token); it does not run when no row has a heavy hitter. Each
+    attention / pilot list loads the K and V rows of its valid entries (2 D elem each), a
+    duplicate or a row also in another kernel's list counting again; a list shared by the
+    group counts once for the group, per-head lists each count for it."""
+    batch, kv_heads, _, dim = k.shape
+    elem = k.element_size()
+    group_lists = list_heads // kv_heads                    # lists per KV group: 1 or group
+    rows = _valid_entries(det_idx, det_counts)
+    for indices, counts in (pilot, sample):
+        rows = rows + _valid_entries(indices, counts)
+    rows = rows.view(batch, kv_heads, group_lists).sum(dim=2).to(torch.float64)
+    n = lengths.to(torch.float64)[:, None]
+    if heavy_max == 0:
+        selector_bytes = torch.zeros_like(n)
+    elif cfg.selector == "int4":
+        selector_bytes = n * summary_bytes_per_token(dim)
+    else:
+        selector_bytes = n * (dim * elem)
+    read = selector_bytes + rows * (2 * dim * elem)
+    dense_bytes = n * (2 * dim * elem)
+    relative = torch.where(n > 0, read / dense_bytes.clamp(min=1.0), torch.zeros_like(read))
+    return relative.to(torch.float32).repeat_interleave(q_heads // kv_heads, dim=1)

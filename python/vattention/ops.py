@@ -120,3 +120,36 @@ def _select_scores_fake(q, k, lengths, scale, share_gqa):
     kv_heads, length = k.shape[1], k.shape[2]
     return q.new_empty((batch, kv_heads if share_gqa else q_heads, length), dtype=torch.float32)
 
+
+
+def summarize_keys(k: Tensor, codes: Tensor, params: Tensor, row_begin: Tensor) -> None:
+    """Writes the int4 summary of k [B, Hkv, rows, D] into codes / params (in place) at
+    positions row_begin[b] + [0, rows); positions >= the summary's length are skipped."""
+    torch.ops.vattention.summarize_keys(k, codes, params, row_begin)
+
+
+def select_scores_summary(q: Tensor, codes: Tensor, params: Tensor, lengths: Tensor,
+                          scale: float, share_gqa: bool) -> Tensor:
+    """select_scores with K replaced by the dequantised int4 summary (the "int4" selector)."""
+    return torch.ops.vattention.select_scores_summary(q, codes, params, lengths, float(scale),
+                                                      bool(share_gqa))
+
+
+@torch.library.register_fake("vattention::summarize_keys")
+def _summarize_keys_fake(k, codes, params, row_begin):
+    _check_rank(k, 4, "k", "[batch, kv_heads, rows, head_dim]")
+    _check_rank(codes, 4, "codes", "[batch, kv_heads, length, head_dim / 2]")
+    _check_rank(params, 5, "params", "[batch, kv_heads, length, head_dim / 32, 2]")
+    _check_rank(row_begin, 1, "row_begin", "[batch]")
+    return None
+
+
+@torch.library.register_fake("vattention::select_scores_summary")
+def _select_scores_summary_fake(q, codes, params, lengths, scale, share_gqa):
+    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    _check_rank(codes, 4, "codes", "[batch, kv_heads, length, head_dim / 2]")
+    _check_rank(params, 5, "params", "[batch, kv_heads, length, head_dim / 32, 2]")
+    _check_rank(lengths, 1, "lengths", "[batch]")
+    batch, q_heads = q.shape[0], q.shape[1]
+    kv_heads, length = codes.shape[1], codes.shape[2]
+    return q.new_empty((batch, kv_heads if share_gqa else q_heads, length), dtype=torch.float32)

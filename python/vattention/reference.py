@@ -141,6 +141,13 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
     list_heads = kv_heads if cfg.share_gqa else q_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     lengths = [length] * batch if seq_lens is None else [int(n) for n in seq_lens]
+    # The int4 selector ranks tokens by the logits of the dequantised key summary, built from
+    # K as stored (its dtype), scored here in `dtype`; the estimate still uses the true K.
+    select_keys = None
+    if cfg.selector == "int4":
+        from .key_summary import dequantize_torch, summarize_keys_torch
+
+        select_keys = dequantize_torch(summarize_keys_torch(k)).to(dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = torch.zeros(batch, q_heads, dim, dtype=dtype)
     traces: List[List[ListTrace]] = []
@@ -158,10 +165,15 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
             logits = {h: scale * (k[b, kv, :n] @ q[b, h]) for h in heads}
 
             # Select: top-k of the (group-combined) log-probabilities.
-            if cfg.share_gqa:
-                scores = torch.stack([logits[h] - torch.logsumexp(logits[h], 0) for h in heads]).amax(0)
+            if select_keys is None:
+                selection = logits
             else:
-                scores = logits[heads[0]]
+                selection = {h: scale * (select_keys[b, kv, :n] @ q[b, h]) for h in heads}
+            if cfg.share_gqa:
+                scores = torch.stack([selection[h] - torch.logsumexp(selection[h], 0)
+                                      for h in heads]).amax(0)
+            else:
+                scores = selection[heads[0]]
             if heavy_override is not None:
                 heavy = sorted(int(i) for i in heavy_override[b][lst])
             else:

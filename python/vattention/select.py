@@ -1,29 +1,47 @@
 """Stage "select": scores that rank heavy-hitter candidates, one row per index list."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import _C, ops
+from .config import SELECTORS
+from .key_summary import KeySummary, build_key_summary, dequantize_torch
 
 Tensor = torch.Tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa: bool) -> Tensor:
-    """Exact logits as selection scores: [B, Hkv, N] when shared over a GQA group, else [B, Hq, N].
+def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa: bool,
+                  selector: str = "oracle", key_summary: Optional[KeySummary] = None) -> Tensor:
+    """Selection scores: [B, Hkv, N] when shared over a GQA group, else [B, Hq, N].
 
     A shared list ranks token i by max over the group's heads of its log-probability
     log p_h(i), so a token that dominates any one head is kept for all of them; raw
     logits would let the head with the largest logit scale decide alone.
 
-    Runs torch.ops.vattention.select_scores (reads K once per KV group, fp32 dot products
-    without rounding the logits to q's dtype) where it supports the inputs, else the plain
-    torch composition `select_scores_torch`.
+    selector "oracle": the exact logits; runs torch.ops.vattention.select_scores (reads K once
+    per KV group, fp32 dot products without rounding the logits to q's dtype) where it
+    supports the inputs, else the plain torch composition `select_scores_torch`.
+    selector "int4": the same scores of the dequantised int4 key summary
+    (vattention.key_summary; built from k when key_summary is None) and K is not read: the
+    select_scores_summary op, else `select_scores_torch` on the dequantised keys in fp32.
     """
-    if _op_supports(q, k, lengths):
-        return ops.select_scores(q, k, lengths, scale, share_gqa)
-    return select_scores_torch(q, k, lengths, scale, share_gqa)
+    if selector == "oracle":
+        if _op_supports(q, k, lengths):
+            return ops.select_scores(q, k, lengths, scale, share_gqa)
+        return select_scores_torch(q, k, lengths, scale, share_gqa)
+    if selector != "int4":
+        raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
+    if key_summary is None:
+        key_summary = build_key_summary(k)
+    if _summary_op_supports(q, key_summary, lengths):
+        return ops.select_scores_summary(q, key_summary.codes, key_summary.params, lengths,
+                                         scale, share_gqa)
+    return select_scores_torch(q.float(), dequantize_torch(key_summary), lengths, scale,
+                               share_gqa)
 
 
 def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
@@ -32,6 +50,21 @@ def _op_supports(q: Tensor, k: Tensor, lengths: Tensor) -> bool:
             and lengths.device == q.device and lengths.dtype in (torch.int32, torch.int64)
             and q.shape[1] > 0 and q.stride(-1) == 1 and k.stride(-1) == 1
             and (q.device.type == "cpu" or (q.device.type == "cuda" and dim in _C.cuda_head_dims)))
+
+
+def _summary_op_supports(q: Tensor, summary: KeySummary, lengths: Tensor) -> bool:
+    dim = q.shape[-1]
+    codes, params = summary.codes, summary.params
+    if not (q.dtype in _DTYPES and codes.device == q.device and params.device == q.device
+            and lengths.device == q.device and lengths.dtype in (torch.int32, torch.int64)
+            and q.shape[1] > 0 and q.stride(-1) == 1 and codes.stride(-1) == 1
+            and params.stride(-1) == 1 and params.stride(-2) == 2):
+        return False
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and dim in _C.cuda_head_dims
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "vattention::select_scores_summary", "CUDA"))
 
 
 def select_scores_torch(q: Tensor, k: Tensor, lengths: Tensor, scale: float,

@@ -30,6 +30,24 @@ What runs where:
   heads, and additive float masks with values other than 0 / -inf are rejected with a
   ``ValueError``. The mask is read once on the host per forward pass (one small device to
   host copy per step on CUDA, shared by all layers), not once per layer.
+- **Sliding-window layers stay dense**: a layer whose attention module says it is a
+  sliding-window (or chunked) layer (``is_sliding``, a ``sliding_window`` attribute or
+  argument, or ``config.layer_types[layer]`` naming sliding / chunked attention, e.g. five
+  of every six Gemma-3 layers) always runs transformers' dense attention; only the global
+  (full-attention) layers go through ``vattention.decode``. ``layer_configs`` shows them as
+  ``None``; a mapping that names one with a config is an error.
+- **Scaling**: the module's ``scaling`` (Gemma: ``query_pre_attn_scalar ** -0.5``, not
+  ``head_dim ** -0.5``) is passed to ``decode`` as its ``scale``. GQA groups of any size
+  and any head dim ``decode`` accepts (Gemma-3-270M: 4 query heads on 1 KV head, dim 256)
+  go through unchanged.
+- **Key summary** (``VAttentionConfig(selector="int4")``): each such layer keeps a
+  ``vattention.key_summary.KeySummary`` of its cache's keys, built at the layer's first
+  decode step after a prefill (from the whole cache) and updated in place with each token
+  the cache appends (``update_key_summary``), then passed to ``decode(key_summary=...)``
+  so a step scores the summary instead of reading K. A growing (dynamic) cache appends
+  rows at its end; a fixed-size (static) cache writes row ``seq_len - 1`` of each batch
+  row. A prefill drops the summary. Caches reordered in place between steps (beam search)
+  are not tracked: call ``reset_summaries(model)`` after reordering.
 - **Per-layer configuration**: ``configure(model, config, seed=...)`` takes one
   ``VAttentionConfig`` for every layer, a mapping ``{layer: entry}`` (layers not listed
   keep the default ``VAttentionConfig()``), a sequence with one entry per layer, or a
@@ -51,8 +69,9 @@ What runs where:
   is the seed pair a decode step passes to ``vattention.decode``.
 
 Limits: only decode steps with a KV cache are sparse (``use_cache=False`` runs dense
-prefill-style passes); attention dropout, softcapping, attention sinks / ``s_aux`` and
-position biases are rejected on decode steps; reading the mask on the host makes the
+prefill-style passes); attention dropout, logit softcapping (a ``softcap`` argument or the
+module's ``attn_logit_softcapping``), attention sinks / ``s_aux`` and position biases are
+rejected on decode steps of the layers that run vattention; reading the mask on the host makes the
 step unsuitable for CUDA-graph capture or ``torch.compile(fullgraph=True)`` when a mask is
 present (no padding and a dynamic cache: no mask, no host read). The module needs only
 transformers' public attention and mask interfaces; on CUDA it runs the extension's CUDA
@@ -70,6 +89,7 @@ import torch
 
 from ..config import VAttentionConfig
 from ..decode import MAX_RNG_OFFSET, decode as vattention_decode
+from .. import key_summary as _ks
 
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -81,6 +101,7 @@ NAME = "vattention"
 _STATE_ATTR = "_vattention_state"
 _MASK64 = (1 << 64) - 1
 _DEFAULT = VAttentionConfig()
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
 #: What a layer runs on decode steps: vAttention with a config, dense attention (None), or
 #: a custom decode method (an object with vattention.decode's signature minus cfg).
@@ -136,6 +157,13 @@ class _LayerState:
     layer: int
     entry: LayerEntry
     step: int = 0
+    # The int4 key summary of this layer's cache rows [0, summary_rows), with spare capacity
+    # (rows beyond summary_rows are unwritten) so that appending a token copies nothing.
+    summary: Optional[Any] = None
+    summary_rows: int = 0
+
+    def drop_summary(self) -> None:
+        self.summary, self.summary_rows = None, 0
 
     def seed_for_step(self) -> Optional[tuple]:
         """(seed, offset) of this decode step, or None (torch's generator); advances the step."""
@@ -183,10 +211,26 @@ def _attention_modules(model: torch.nn.Module) -> Dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
+def is_sliding(module: torch.nn.Module) -> bool:
+    """True for a sliding-window or chunked attention layer (these stay dense)."""
+    if getattr(module, "is_sliding", False) or getattr(module, "sliding_window", None):
+        return True
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    if types is not None and isinstance(layer, int) and 0 <= layer < len(types):
+        return types[layer] in _SLIDING_TYPES
+    return False
+
+
+def _default_entry(module: torch.nn.Module) -> LayerEntry:
+    return None if is_sliding(module) else _DEFAULT
+
+
 def _layer_state(module: torch.nn.Module) -> _LayerState:
     state = getattr(module, _STATE_ATTR, None)
     if state is None:  # attn_implementation="vattention" without configure(): the defaults
-        state = _LayerState(_Shared(), int(module.layer_idx), _DEFAULT)
+        state = _LayerState(_Shared(), int(module.layer_idx), _default_entry(module))
         setattr(module, _STATE_ATTR, state)
     return state
 
@@ -198,7 +242,7 @@ def _attach(model: torch.nn.Module) -> Dict[int, _LayerState]:
     shared = next((s.shared for s in states.values() if s is not None), None) or _Shared()
     for layer, module in modules.items():
         if states[layer] is None:
-            states[layer] = _LayerState(shared, layer, _DEFAULT)
+            states[layer] = _LayerState(shared, layer, _default_entry(module))
             setattr(module, _STATE_ATTR, states[layer])
         states[layer].shared = shared
     return states
@@ -264,6 +308,15 @@ def configure(model: torch.nn.Module, config: LayerConfigs = _DEFAULT, *,
         raise ValueError(f"vattention: seed must be None or an int in [0, 2^63), got {seed!r}")
     modules = _attention_modules(model)
     entries = _resolve(config, list(modules))
+    if isinstance(config, Mapping):
+        for key, entry in config.items():
+            layer = list(modules)[key]
+            if entry is not None and is_sliding(modules[layer]):
+                raise ValueError(f"vattention: layer {key} is a sliding-window layer, which "
+                                 f"always runs dense attention; give it None or leave it out")
+    for layer, module in modules.items():
+        if is_sliding(module):
+            entries[layer] = None  # the window is short: dense is what it should run
     old = [getattr(m, _STATE_ATTR, None) for m in modules.values()]
     shared = _Shared(seed)
     # Recorders of a collect_stats block in progress keep recording.
@@ -314,6 +367,20 @@ def reset_steps(model: torch.nn.Module) -> None:
     """Restarts every layer's step counter (the seed offset) at 0."""
     for state in _attach(model).values():
         state.step = 0
+
+
+def reset_summaries(model: torch.nn.Module) -> None:
+    """Drops every layer's key summary; the next decode step rebuilds it from the cache."""
+    for state in _attach(model).values():
+        state.drop_summary()
+
+
+def key_summary(model: torch.nn.Module, layer: int):
+    """The ``KeySummary`` layer ``layer`` keeps (cut to the cache rows it covers), or None."""
+    state = _attach(model)[layer]
+    if state.summary is None:
+        return None
+    return _rows(state.summary, 0, state.summary_rows)
 
 
 # --------------------------------------------------------------------------- masks
@@ -384,11 +451,57 @@ def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
 
 # --------------------------------------------------------------------------- attention
 
+def _rows(summary, begin: int, end: int, batch: Optional[int] = None):
+    """Rows [begin, end) of a summary (of batch row ``batch`` alone when given): views."""
+    b = slice(None) if batch is None else slice(batch, batch + 1)
+    return _ks.KeySummary(summary.codes[b, :, begin:end], summary.params[b, :, begin:end])
+
+
+def _uses_summary(entry: LayerEntry) -> bool:
+    return isinstance(entry, VAttentionConfig) and entry.selector == "int4"
+
+
+def _sync_summary(state: _LayerState, key: Tensor, seq_lens: Optional[Tensor]):
+    """Brings the layer's key summary in step with the cache ``key`` [B, Hkv, N, D]."""
+    batch, kv_heads, length, dim = key.shape
+    summary = state.summary
+    if summary is not None and (summary.codes.shape[:2] != (batch, kv_heads)
+                                or summary.head_dim != dim
+                                or summary.codes.device != key.device
+                                or length < state.summary_rows):
+        state.drop_summary()  # another cache: start again from its contents
+        summary = None
+    if summary is None:
+        # Spare rows for the tokens decode will append, so appending copies nothing.
+        capacity = length + max(256, length // 4)
+        summary = _ks.empty_key_summary(batch, kv_heads, capacity, dim, device=key.device)
+        _ks.update_key_summary(summary, key, 0)
+        state.summary, state.summary_rows = summary, length
+    elif length > state.summary_rows:
+        if length > summary.length:
+            grown = _ks.empty_key_summary(batch, kv_heads, length + max(256, length // 4), dim,
+                                          device=key.device)
+            grown.codes[:, :, :state.summary_rows] = summary.codes[:, :, :state.summary_rows]
+            grown.params[:, :, :state.summary_rows] = summary.params[:, :, :state.summary_rows]
+            summary = state.summary = grown
+        _ks.update_key_summary(summary, key[:, :, state.summary_rows:], state.summary_rows)
+        state.summary_rows = length
+    else:
+        # A fixed-size cache: this step wrote row seq_len - 1 of every batch row.
+        ends = (torch.full((batch,), length, dtype=torch.int64, device=key.device)
+                if seq_lens is None else seq_lens.to(torch.int64))
+        last = (ends - 1).clamp_min(0)
+        new = key.gather(2, last.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, dim))
+        _ks.update_key_summary(summary, new, last)
+    return _rows(summary, 0, length)
+
+
 def _run(entry: LayerEntry, q: Tensor, k: Tensor, v: Tensor, seq_lens, scale, seed,
-         return_stats: bool):
+         return_stats: bool, summary=None):
     if isinstance(entry, VAttentionConfig):
+        extra = {} if summary is None else {"key_summary": summary}
         return vattention_decode(q, k, v, entry, seq_lens=seq_lens, scale=scale, seed=seed,
-                                 return_stats=return_stats)
+                                 return_stats=return_stats, **extra)
     return entry.decode(q, k, v, seq_lens=seq_lens, scale=scale, seed=seed,
                         return_stats=return_stats)
 
@@ -429,9 +542,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     ([B, T, Hq, D], None) like transformers' own attention functions.
     """
     state = _layer_state(module)
-    if query.shape[2] != 1 or state.entry is None:
+    if query.shape[2] != 1 or state.entry is None or kwargs.get("sliding_window"):
         if query.shape[2] != 1:
             state.step = 0  # a new prompt: seeds restart at step 0
+            state.drop_summary()  # and a new cache (or new rows): rebuilt at the next step
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     if module.training and dropout > 0:
@@ -441,6 +555,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"vattention: the model passes {name!r} to attention; "
                                       f"only plain softmax attention (Llama family) is supported")
+    if getattr(module, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError("vattention: this layer soft-caps its attention logits "
+                                  "(attn_logit_softcapping); vattention's estimator assumes "
+                                  "plain softmax attention: configure the layer as None (dense)")
     if kwargs.get("output_attentions"):
         warnings.warn("vattention: attention weights are not returned on decode steps",
                       stacklevel=2)
@@ -451,8 +569,14 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     ranges = state.shared.key_ranges(attention_mask, batch, length)
     seed = state.seed_for_step()
     recording = bool(state.shared.recorders)
+    summary = None
+    if _uses_summary(state.entry):
+        ends = (ranges.seq_lens if ranges.starts is None
+                else torch.tensor(ranges.ends, dtype=torch.int64, device=key.device))
+        summary = _sync_summary(state, key, ends)
     if ranges.starts is None:
-        result = _run(state.entry, q, key, value, ranges.seq_lens, scaling, seed, recording)
+        result = _run(state.entry, q, key, value, ranges.seq_lens, scaling, seed, recording,
+                      summary)
         out, stats = result if recording else (result, None)
     else:
         outs, parts = [], []
@@ -461,7 +585,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             result = _run(state.entry, q[b:b + 1], key[b:b + 1, :, start:],
                           value[b:b + 1, :, start:],
                           torch.tensor([end - start], dtype=torch.int64), scaling, row_seed,
-                          recording)
+                          recording,
+                          None if summary is None else _rows(summary, start, length, b))
             out_b, stats_b = result if recording else (result, None)
             outs.append(out_b)
             parts.append(stats_b)
