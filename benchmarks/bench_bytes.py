@@ -148,7 +148,7 @@ def main(argv=None):
         print(f"| {r['model']} | {r['tokens']} | {r['selector']} | ({r['epsilon']}, {r['delta']}) | "
               f"{r['violation_rate']:.2%} | {r['worst_head_rate']:.2f} | {r['density']:.3f} | "
               f"{r['relative_bytes']:.3f} | {r['mass_recall_mean']:.3f} | "
-              f"{r['model_dense_us_per_kv_group']:.2f} / {r['model_vattention_us_per_kv_group']:.2f} |")
+              f"{r['model_dense_us_per_layer']:.2f} / {r['model_vattention_us_per_layer']:.2f} |")
     print("(H100 columns are a bytes model, bytes / 3.0 TB/s, not a measurement)")
     try:
         import matplotlib
