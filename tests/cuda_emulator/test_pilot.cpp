@@ -1,0 +1,138 @@
+// pilot_stats under the emulator against pilot_stats_cpu (max logit, moments and
+// vector moments within fp32 summation tolerance, with and without split-K), and
+// the NaN rule: a NaN the pilot reads reaches every statistic it feeds.
+#include "emu_check.h"
+
+#include "../../csrc/vattention/pilot.h"
+
+namespace vattention::emu_check {
+namespace {
+
+void test_pilot_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                     int64_t splits, int64_t row_pad, int64_t base_offset, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t batch = 2, kv_heads = 2, q_heads = kv_heads * group, length = 53;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  Lists l = make_lists(batch, per_q ? q_heads : kv_heads, max_count, length, rng);
+  PilotParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  p.list.log_weights = nullptr;
+  const int64_t heads = batch * q_heads;
+  std::vector<float> rm(heads), gm(heads), rmo(heads * 3), gmo(heads * 3), rv(heads * 2 * dim),
+      gv(heads * 2 * dim, 777.f);
+  p.max_logit = rm.data();
+  p.moments = rmo.data();
+  p.vector_moments = rv.data();
+  pilot_stats_cpu(p, 0, heads);
+  p.max_logit = gm.data();
+  p.moments = gmo.data();
+  p.vector_moments = gv.data();
+  std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, splits));
+  check_cuda(pilot_stats_cuda(p, splits, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_stats_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(gm[i], rm[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * 3; ++i) bad += !close(gmo[i], rmo[i], 1e-4f, 1e-4f);
+  for (int64_t i = 0; i < heads * 2 * dim; ++i) bad += !close(gv[i], rv[i], 1e-4f, 1e-4f);
+  EXPECT(bad == 0, "pilot %s D=%lld group=%lld per_q=%d max_count=%lld splits=%lld pad=%lld "
+         "offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim, (long long)group,
+         int(per_q), (long long)max_count, (long long)splits, (long long)row_pad,
+         (long long)base_offset, (long long)bad);
+}
+
+void test_pilot_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t splits,
+                         NanAt at, uint32_t seed) {
+  NanCase c = make_nan_case(dtype, dim, group, per_q, 37, at, seed);
+  PilotParams p{};
+  p.qkv = c.t.params;
+  p.list = c.l.params;
+  p.list.log_weights = nullptr;
+  const int64_t heads = c.batch * c.q_heads;
+  std::vector<float> rm(heads), gm(heads, 777.f), rmo(heads * 3), gmo(heads * 3, 777.f),
+      rv(heads * 2 * dim), gv(heads * 2 * dim, 777.f);
+  p.max_logit = rm.data();
+  p.moments = rmo.data();
+  p.vector_moments = rv.data();
+  pilot_stats_cpu(p, 0, heads);
+  p.max_logit = gm.data();
+  p.moments = gmo.data();
+  p.vector_moments = gv.data();
+  std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, splits));
+  check_cuda(pilot_stats_cuda(p, splits, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_stats_cuda");
+  int64_t bad = 0, wrong = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !same(gm[i], rm[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * 3; ++i) bad += !same(gmo[i], rmo[i], 1e-4f, 1e-4f);
+  for (int64_t i = 0; i < heads * 2 * dim; ++i) bad += !same(gv[i], rv[i], 1e-4f, 1e-4f);
+  for (int pass = 0; pass < 2; ++pass) {
+    const float* ml = pass ? gm.data() : rm.data();
+    const float* mo = pass ? gmo.data() : rmo.data();
+    const float* vm = pass ? gv.data() : rv.data();
+    for (int64_t h = 0; h < heads; ++h) {
+      const bool logit_nan = c.reads[h] && at != NanAt::kValueRow;
+      const bool value_nan = c.reads[h] && at == NanAt::kValueRow;
+      wrong += std::isnan(ml[h]) != logit_nan;
+      for (int i = 0; i < 3; ++i) {
+        wrong += std::isnan(mo[h * 3 + i]) != (logit_nan || (value_nan && i == 2));
+      }
+      for (int64_t x = 0; x < 2 * dim; ++x) {
+        const bool want = logit_nan || (value_nan && x % dim == c.nan_dim);
+        wrong += std::isnan(vm[h * 2 * dim + x]) != want;
+      }
+    }
+  }
+  EXPECT(bad == 0 && wrong == 0, "pilot NaN in %s %s D=%lld group=%lld per_q=%d splits=%lld: "
+         "%lld cpu/cuda mismatches, %lld outputs against the NaN rule", nan_at_name(at),
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)splits,
+         (long long)bad, (long long)wrong);
+}
+
+}  // namespace
+
+void test_pilot() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  // The seeds are those the cases had when they ran in one loop with sparse
+  // attention's (attention even, pilot odd, then 8 attention cases), so each keeps
+  // the data it was checked on.
+  uint32_t seed = 1001;
+  for (DType d : dtypes) {
+    for (int64_t dim : {64, 128, 256}) {
+      for (int64_t group : {1, 4, 7}) {
+        for (bool per_q : {false, true}) {
+          if (g_quick && (dim == 256 || per_q) && group != 4) continue;
+          test_pilot_case(d, dim, group, per_q, 17, 1, 0, 0, seed);
+          seed += 2;
+        }
+      }
+    }
+  }
+  seed += 7;
+  // Split-K through the workspace.
+  test_pilot_case(DType::kBFloat16, 128, 4, false, 300, 5, 0, 0, seed++);
+  test_pilot_case(DType::kFloat32, 64, 7, false, 150, 3, 0, 0, seed++);
+  test_pilot_case(DType::kFloat16, 256, 1, true, 100, 4, 1, 1, seed++);
+  test_pilot_case(DType::kBFloat16, 64, 4, false, 0, 1, 0, 0, seed++);  // max_count 0
+
+  // NaN propagation (emu_check.h); seeds odd, interleaved with sparse attention's.
+  const NanAt places[] = {NanAt::kQuery, NanAt::kKeyRow, NanAt::kValueRow, NanAt::kUnlistedRow};
+  seed = 9001;
+  for (DType d : dtypes) {
+    for (NanAt at : places) {
+      for (bool per_q : {false, true}) {
+        // One split, several, and more splits than one row group can fill.
+        for (int64_t splits : {int64_t(1), int64_t(3), int64_t(11)}) {
+          if (g_quick && d != DType::kFloat32 && splits == 11) continue;
+          test_pilot_nan_case(d, 64, 4, per_q, splits, at, seed);
+          seed += 2;
+        }
+      }
+    }
+  }
+  // Wider rows and groups (two head chunks).
+  test_pilot_nan_case(DType::kBFloat16, 128, 8, false, 2, NanAt::kValueRow, seed);
+  seed += 2;
+  test_pilot_nan_case(DType::kFloat32, 256, 1, true, 1, NanAt::kKeyRow, seed);
+}
+
+}  // namespace vattention::emu_check

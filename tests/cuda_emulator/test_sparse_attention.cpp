@@ -1,0 +1,179 @@
+// sparse_attention_partial under the emulator against the CPU kernel (partials within
+// fp32 tolerance over head dims, groups, per-query lists, splits, weights and
+// unaligned rows; list garbage beyond a count and bad indices never read), the
+// merge of those partials by combine_cpu and combine_cuda, and the NaN rule through
+// every split count and that merge.
+#include "emu_check.h"
+
+#include "../../csrc/vattention/combine.h"
+#include "../../csrc/vattention/sparse_attention.h"
+
+namespace vattention::emu_check {
+namespace {
+
+void test_attention_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                         int64_t splits, bool weights, int64_t row_pad, int64_t base_offset,
+                         uint32_t seed, int64_t length = 47, int64_t batch = 2) {
+  std::mt19937 rng(seed);
+  const int64_t kv_heads = 2, q_heads = kv_heads * group;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  Lists l = make_lists(batch, per_q ? q_heads : kv_heads, max_count, length, rng);
+  SparseAttentionParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  if (!weights) p.list.log_weights = nullptr;
+  p.num_splits = splits;
+  const int64_t items = batch * q_heads * splits;
+  std::vector<float> ro(items * dim), go(items * dim, 777.f), rl(items), gl(items, 777.f);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, items);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !close(gl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !close(go[i], ro[i], 2e-5f, 2e-5f);
+  EXPECT(bad == 0, "attention %s D=%lld group=%lld per_q=%d max_count=%lld splits=%lld w=%d "
+         "pad=%lld offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim,
+         (long long)group, int(per_q), (long long)max_count, (long long)splits, int(weights),
+         (long long)row_pad, (long long)base_offset, (long long)bad);
+
+  // combine of those partials, [items, splits, D] layout
+  const int64_t heads = batch * q_heads;
+  CombineParams c{};
+  c.partial_out = ro.data();
+  c.partial_lse = rl.data();
+  c.item_stride_out = splits * dim;
+  c.split_stride_out = dim;
+  c.item_stride_lse = splits;
+  c.split_stride_lse = 1;
+  c.items = heads;
+  c.num_splits = splits;
+  c.head_dim = dim;
+  std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
+  c.out = co.data();
+  c.lse = cl.data();
+  combine_cpu(c, 0, heads);
+  c.out = gco.data();
+  c.lse = gcl.data();
+  check_cuda(combine_cuda(c, nullptr), "combine_cuda");
+  bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(gcl[i], cl[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * dim; ++i) bad += !close(gco[i], co[i], 1e-5f, 1e-5f);
+  EXPECT(bad == 0, "combine after attention %s D=%lld splits=%lld: %lld mismatches",
+         dtype_name(dtype), (long long)dim, (long long)splits, (long long)bad);
+}
+
+void test_attention_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t splits,
+                             NanAt at, uint32_t seed) {
+  NanCase c = make_nan_case(dtype, dim, group, per_q, 45, at, seed);
+  SparseAttentionParams p{};
+  p.qkv = c.t.params;
+  p.list = c.l.params;
+  p.num_splits = splits;
+  const int64_t heads = c.batch * c.q_heads, items = heads * splits;
+  std::vector<float> ro(items * dim), go(items * dim, 777.f), rl(items), gl(items, 777.f);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, items);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !same(gl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !same(go[i], ro[i], 2e-5f, 2e-5f);
+
+  // Merge the splits (CPU and emulated combine) and check the rule on the result.
+  CombineParams cp{};
+  cp.item_stride_out = splits * dim;
+  cp.split_stride_out = dim;
+  cp.item_stride_lse = splits;
+  cp.split_stride_lse = 1;
+  cp.items = heads;
+  cp.num_splits = splits;
+  cp.head_dim = dim;
+  std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
+  cp.partial_out = ro.data();
+  cp.partial_lse = rl.data();
+  cp.out = co.data();
+  cp.lse = cl.data();
+  combine_cpu(cp, 0, heads);
+  cp.partial_out = go.data();
+  cp.partial_lse = gl.data();
+  cp.out = gco.data();
+  cp.lse = gcl.data();
+  check_cuda(combine_cuda(cp, nullptr), "combine_cuda");
+  int64_t wrong = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    bad += !same(gcl[h], cl[h], 1e-5f, 1e-5f);
+    for (int64_t d = 0; d < dim; ++d) bad += !same(gco[h * dim + d], co[h * dim + d], 1e-5f, 1e-5f);
+    for (const std::vector<float>* o : {&co, &gco}) {
+      const float lse = o == &co ? cl[h] : gcl[h];
+      const float* out = o->data() + h * dim;
+      const bool logit_nan = c.reads[h] && at != NanAt::kValueRow;
+      wrong += std::isnan(lse) != logit_nan;
+      for (int64_t d = 0; d < dim; ++d) {
+        const bool want_nan = logit_nan || (c.reads[h] && d == c.nan_dim);
+        wrong += std::isnan(out[d]) != want_nan;
+      }
+    }
+  }
+  EXPECT(bad == 0 && wrong == 0, "attention NaN in %s %s D=%lld group=%lld per_q=%d splits=%lld: "
+         "%lld cpu/cuda mismatches, %lld outputs against the NaN rule", nan_at_name(at),
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)splits,
+         (long long)bad, (long long)wrong);
+}
+
+}  // namespace
+
+void test_sparse_attention() {
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  // The seeds are those the cases had when they ran in one loop with the pilot's
+  // (attention even, pilot odd), so each keeps the data it was checked on.
+  uint32_t seed = 1000;
+  for (DType d : dtypes) {
+    for (int64_t dim : {64, 128, 256}) {
+      for (int64_t group : {1, 4, 7}) {
+        for (bool per_q : {false, true}) {
+          if (g_quick && (dim == 256 || per_q) && group != 4) continue;
+          test_attention_case(d, dim, group, per_q, 29, 3, true, 0, 0, seed);
+          seed += 2;
+        }
+      }
+    }
+  }
+  // Splits: automatic-like counts, more splits than entries, weights off.
+  test_attention_case(DType::kBFloat16, 128, 4, false, 200, 1, true, 0, 0, seed++);
+  test_attention_case(DType::kBFloat16, 128, 4, false, 200, 7, false, 0, 0, seed++);
+  test_attention_case(DType::kFloat16, 64, 2, false, 5, 17, true, 0, 0, seed++);
+  test_attention_case(DType::kFloat32, 64, 12, false, 90, 2, true, 0, 0, seed++);  // 2 chunks
+  // Unaligned rows (odd row stride, odd base offset): element-wise copies.
+  test_attention_case(DType::kBFloat16, 128, 4, false, 60, 2, true, 1, 0, seed++);
+  test_attention_case(DType::kFloat16, 64, 1, true, 60, 2, true, 0, 3, seed++);
+  test_attention_case(DType::kFloat32, 256, 7, false, 40, 3, true, 1, 1, seed++);
+  // Longer lists over a longer context (benchmark-like, scaled down).
+  test_attention_case(DType::kBFloat16, 128, 4, false, 1300, 9, true, 0, 0, seed++, 4096, 1);
+
+  // NaN propagation (emu_check.h); seeds even, interleaved with the pilot's.
+  const NanAt places[] = {NanAt::kQuery, NanAt::kKeyRow, NanAt::kValueRow, NanAt::kUnlistedRow};
+  seed = 9000;
+  for (DType d : dtypes) {
+    for (NanAt at : places) {
+      for (bool per_q : {false, true}) {
+        // One split, several, and more splits than one row group can fill.
+        for (int64_t splits : {int64_t(1), int64_t(3), int64_t(11)}) {
+          if (g_quick && d != DType::kFloat32 && splits == 11) continue;
+          test_attention_nan_case(d, 64, 4, per_q, splits, at, seed);
+          seed += 2;
+        }
+      }
+    }
+  }
+  // Wider rows and groups (8 heads per block).
+  test_attention_nan_case(DType::kBFloat16, 128, 8, false, 2, NanAt::kKeyRow, seed);
+  seed += 2;
+  test_attention_nan_case(DType::kFloat16, 256, 1, false, 4, NanAt::kValueRow, seed);
+}
+
+}  // namespace vattention::emu_check
