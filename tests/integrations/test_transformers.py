@@ -7,7 +7,7 @@ import torch
 from tests.helpers import requires_model
 import vattention
 from vattention import VAttentionConfig
-from vattention.models import smollm2
+from vattention.models import capture, smollm2
 
 pytestmark = [pytest.mark.model, requires_model]
 
@@ -92,7 +92,7 @@ def test_decode_step_equals_vattention_decode(model, vt, ids):
             seen.update(q=query[:, :, 0].clone(), k=key.clone(), v=value.clone(), scale=scaling)
 
     vt.disable(model, "sdpa")
-    with torch.no_grad(), smollm2._capturing(model, "sdpa", record):
+    with torch.no_grad(), capture.capturing(model, "sdpa", record):
         model(token, cache=copy.deepcopy(cache), use_cache=True)
     assert seen["k"].shape == (1, 3, ids.shape[1] + 1, 64)       # the cache, not repeated
 

