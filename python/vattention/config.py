@@ -22,8 +22,19 @@ class VAttentionConfig:
 
     sink, local: the first / last tokens, always attended exactly.
     heavy: heavy hitters chosen by ``selector`` among the remaining tokens.
-    base_rate: pilot sample size as a fraction of the residual (at least 2 tokens).
-        The pilot costs bytes like any other token: it is a first-order speed knob.
+    base_rate: pilot sample size: an int is a token count (>= 2), a float a fraction of the
+        residual (in (0, 1]); at least 2 draws, at most the residual. The pilot costs bytes
+        like any other token: it is a first-order speed knob. At long context the budget is
+        roughly constant in n, so a count keeps the pilot from dominating the sample.
+        Default 128 with reuse_pilot (benchmarks/bench_levers.py: the coverage tests pass
+        on the synthetic families and SmolLM2 with both selectors); base_rate=0.05,
+        reuse_pilot=False is the earlier default.
+    reuse_pilot: count the pilot's draws in the final estimate: the final sample draws only
+        the budget's remainder max(b - p, 0), and the pilot and final draws are one uniform
+        sample of p + that many draws. Saves up to p rows a step; because the sample size
+        then depends on the pilot's draws (a stopping rule), the estimator is unbiased only
+        asymptotically, and the coverage tests decide (docs/algorithm.md, section 5). Never
+        applies when the residual is attended exactly.
     epsilon, delta: each head's output is within relative L2 error epsilon of dense
         attention with probability at least 1 - delta (for the verified rules).
     rule: budget rule, one of "ratio" (default: the tightest rule that passes the
@@ -47,7 +58,7 @@ class VAttentionConfig:
     sink: Size = 128
     local: Size = 128
     heavy: Size = 0.05
-    base_rate: float = 0.05
+    base_rate: Size = 128
     epsilon: float = 0.05
     delta: float = 0.05
     rule: str = "ratio"
@@ -55,13 +66,12 @@ class VAttentionConfig:
     share_gqa: bool = True
     num_splits: int = 0
     min_samples: int = 32
+    reuse_pilot: bool = True
 
     def __post_init__(self):
         for name in ("sink", "local", "heavy"):
             check_size(getattr(self, name), f"VAttentionConfig.{name}")
-        if isinstance(self.base_rate, bool) or not (
-                isinstance(self.base_rate, (int, float)) and 0.0 < self.base_rate <= 1.0):
-            raise ValueError(f"VAttentionConfig.base_rate must lie in (0, 1], got {self.base_rate!r}")
+        check_pilot_size(self.base_rate, "VAttentionConfig.base_rate")
         if not (isinstance(self.epsilon, (int, float)) and 0.0 < self.epsilon < 1.0):
             raise ValueError(f"VAttentionConfig.epsilon must lie in (0, 1), got {self.epsilon!r}")
         if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
@@ -82,6 +92,9 @@ class VAttentionConfig:
                 or self.min_samples < 1:
             raise ValueError(f"VAttentionConfig.min_samples must be an int >= 1, "
                              f"got {self.min_samples!r}")
+        if not isinstance(self.reuse_pilot, bool):
+            raise ValueError(f"VAttentionConfig.reuse_pilot must be a bool, "
+                             f"got {self.reuse_pilot!r}")
 
     @property
     def verified(self) -> bool:
@@ -126,6 +139,18 @@ def check_size(size, name: str) -> None:
         raise ValueError(f"{name} must be >= 0 tokens, got {size}")
     if isinstance(size, float) and not (0.0 <= size <= 1.0):
         raise ValueError(f"{name} as a fraction must lie in [0, 1], got {size}")
+
+
+def check_pilot_size(size, name: str) -> None:
+    """Raises a ValueError naming `name` unless size is an int >= 2 (a pilot of fewer than two
+    draws has no variance) or a float in (0, 1] (a fraction of the residual)."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"{name} must be an int count (>= 2) or a float fraction in (0, 1], "
+                         f"got {size!r}")
+    if isinstance(size, int) and size < 2:
+        raise ValueError(f"{name} as a count must be >= 2 tokens, got {size}")
+    if isinstance(size, float) and not (0.0 < size <= 1.0):
+        raise ValueError(f"{name} as a fraction must lie in (0, 1], got {size}")
 
 
 def resolve_size(size: Size, length: int) -> int:

@@ -3,8 +3,10 @@
 The pipeline, each stage a file under python/vattention or csrc/vattention:
 select (heavy hitters) -> sparse attention over the deterministic set -> pilot
 sample and its statistics -> budget -> sample the residual -> sparse attention
-over the sample -> combine the two halves. Budgets and counts stay on the
-device: no step reads a tensor back to the host.
+over the sample -> combine the two halves (three with reuse_pilot: the pilot's
+draws then join the estimate through their own statistics, and the final sample
+only tops them up to the budget). Budgets and counts stay on the device: no step
+reads a tensor back to the host.
 """
 from __future__ import annotations
 
@@ -168,14 +170,13 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     window_start, window_end = sink, lengths - local
     heavy = torch.minimum(resolve_sizes(cfg.heavy, lengths), window_end - window_start)
     n_residual = window_end - window_start - heavy
-    base_rate = float(cfg.base_rate)
     pilot_wanted = torch.where(n_residual > 0,
-                               resolve_sizes(base_rate, n_residual).clamp(min=2),
+                               resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
                                torch.zeros_like(n_residual))
     # Their static upper bounds size the buffers (resolve_size agrees with resolve_sizes).
     sink_max, local_max = resolve_size(cfg.sink, length), resolve_size(cfg.local, length)
     heavy_max = resolve_size(cfg.heavy, length)
-    pilot_max = max(2, resolve_size(base_rate, length))
+    pilot_max = max(2, resolve_size(cfg.base_rate, length))
 
     starts_rows = _per_list(window_start, list_heads)
     ends_rows = _per_list(window_end, list_heads)
@@ -238,29 +239,61 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         wanted = torch.where(attend_exactly, n_residual_f,
                              required.clamp(min=float(cfg.min_samples)))
         wanted = torch.minimum(torch.ceil(wanted), n_residual_f)
-        wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2)
+        wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2).reshape(-1)
+        # The exact fallback enumerates the residual with weight 1 (the sampler does so
+        # when asked for n_r or more): the pilot must then not be counted a second time.
+        exact_lists = wanted_lists >= _per_list(n_residual, list_heads).to(torch.float64)
+        if cfg.reuse_pilot:
+            reused = torch.where(exact_lists, torch.zeros_like(pilot_counts), pilot_counts)
+            # wanted >= min_samples already, so pilot + remainder reaches min_samples.
+            final_wanted = torch.where(exact_lists, wanted_lists,
+                                       (wanted_lists - reused.to(torch.float64)).clamp(min=0.0))
+        else:
+            final_wanted = wanted_lists
 
     sample_max = max(length, 1)
     with stage("sample"):
         sample_idx, sample_log_weights, sample_counts = ops.sample_residual(
-            heavy_idx, starts_rows, ends_rows, wanted_lists.reshape(-1).to(torch.int32), rng,
+            heavy_idx, starts_rows, ends_rows, final_wanted.to(torch.int32), rng,
             sample_max, ops.FINAL_DRAWS)
     with stage("attend"):
         sample_out, sample_lse = ops.sparse_attention(
             q, k, v, sample_idx.view(batch, list_heads, sample_max),
             sample_log_weights.view(batch, list_heads, sample_max),
             sample_counts.view(batch, list_heads), scale, cfg.num_splits)
-
+    draws = sample_counts
     with stage("combine"):
-        out, _ = ops.combine(torch.stack([det_out, sample_out]),
-                             torch.stack([det_lse, sample_lse]))
+        partials = [(det_out, det_lse), (sample_out, sample_lse)]
+        if cfg.reuse_pilot:
+            # The pilot's part of the estimate is already in its statistics: sum w V / sum w
+            # over its draws, with lse = max_logit + log sum w. So no kernel loads a pilot row
+            # twice, and no attention launch or index copy is added; only the weights change:
+            # every draw, pilot or final, weighs n_r / (p + d), where the sampler gave the d
+            # final draws n_r / d (1 when it enumerated the residual, where p counts 0).
+            draws = reused + sample_counts
+            log_draws = _per_head(torch.log(draws.clamp(min=1).to(torch.float32)), batch,
+                                  list_heads, q_heads)
+            log_n_r = torch.log(n_residual.to(torch.float32))[:, None]
+            sum_w = moments[..., 0]
+            pilot_lse = torch.where(_per_head(exact_lists, batch, list_heads, q_heads),
+                                    torch.full_like(pilot_max_logit, -math.inf),
+                                    pilot_max_logit + torch.log(sum_w) + log_n_r - log_draws)
+            pilot_out = vector_moments[..., 0, :] / sum_w.clamp(
+                min=torch.finfo(torch.float32).tiny)[..., None]
+            log_final = _per_head(torch.log(sample_counts.to(torch.float32)), batch,
+                                  list_heads, q_heads)
+            partials = [(det_out, det_lse), (pilot_out, pilot_lse),
+                        (sample_out, sample_lse + log_final - log_draws)]
+
+        out, _ = ops.combine(torch.stack([o for o, _ in partials]),
+                             torch.stack([lse for _, lse in partials]))
         out = out.to(q.dtype)
     if not return_stats:
         return out
 
-    sampled_heads = _per_head(sample_counts, batch, list_heads, q_heads)
-    exact = _per_head(wanted_lists >= n_residual[:, None].to(torch.float64), batch, list_heads,
-                      q_heads)
+    # With reuse the estimate's draws are the pilot's and the final sample's together.
+    sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
+    exact = _per_head(exact_lists, batch, list_heads, q_heads)
     read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
     for idx in (pilot_idx, sample_idx):
         read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)

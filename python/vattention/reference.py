@@ -78,7 +78,7 @@ class ListTrace:
     heavy: List[int]
     residual: List[int]
     pilot: List[int]
-    sample: List[int]
+    sample: List[int]          # the draws the estimate uses: pilot ++ final with reuse_pilot
     sample_weight: float
     required: Dict[int, float] = field(default_factory=dict)  # per query head
 
@@ -185,8 +185,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
             row = b * list_heads + lst
 
             # Pilot.
-            pilot_wanted = max(2, resolve_size(float(cfg.base_rate), n_r)) if n_r else 0
-            pilot_max = max(2, resolve_size(float(cfg.base_rate), length))
+            pilot_wanted = max(2, resolve_size(cfg.base_rate, n_r)) if n_r else 0
+            pilot_max = max(2, resolve_size(cfg.base_rate, length))
             pilot, _ = draw_residual(residual, pilot_wanted, seed, offset, row, 0, pilot_max)
 
             # Budget: per head, then the max over the heads sharing the list.
@@ -207,7 +207,20 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
                 wanted = int(budget_override[b][lst])
 
             # Sample and estimate: weight 1 on the deterministic set, n_r / b on the sample.
-            sample, weight = draw_residual(residual, wanted, seed, offset, row, 1, max(length, 1))
+            # With reuse_pilot (and a residual not enumerated) the pilot's draws count too:
+            # the final sample tops them up to the budget, every draw weighing n_r / (p + d).
+            # The total is max(budget, p), as stats["budget"] reports it; budget_override
+            # replaces that total (one below p keeps the pilot's first draws only, which
+            # decode never does: a test's way to attend the deterministic set alone).
+            reuse = cfg.reuse_pilot and wanted < n_r
+            if reuse and budget_override is None:
+                wanted = max(wanted, len(pilot))
+            final_wanted = max(wanted - len(pilot), 0) if reuse else wanted
+            sample, weight = draw_residual(residual, final_wanted, seed, offset, row, 1,
+                                           max(length, 1))
+            if reuse:
+                sample = (pilot + sample)[:wanted]
+                weight = n_r / len(sample) if sample else 1.0
             for h in heads:
                 positions = deterministic + sample
                 if not positions:

@@ -17,6 +17,18 @@ from vattention.coverage import FAMILIES, binomial_upper, measure, synthetic_hea
 FALSE_ALARM = 1e-3
 HEADS, TRIALS = 8, 160
 SETTINGS = [(0.05, 0.05), (0.1, 0.1)]
+SELECTORS = ["oracle", "int4"]
+
+# The pilot's settings (VAttentionConfig.base_rate, .reuse_pilot): the tests below that name
+# no pilot run the defaults; each other setting that the README offers is tested on its own
+# by the test_pilot_settings_* tests, so whatever the defaults are, every one is covered.
+PILOTS = {"fraction": {"base_rate": 0.05, "reuse_pilot": False},
+          "count": {"base_rate": 128, "reuse_pilot": False},
+          "count+reuse": {"base_rate": 128, "reuse_pilot": True}}
+_DEFAULT = VAttentionConfig()
+DEFAULT_PILOT = next(name for name, pilot in PILOTS.items()
+                     if all(getattr(_DEFAULT, f) == x for f, x in pilot.items()))
+OTHER_PILOTS = [name for name in PILOTS if name != DEFAULT_PILOT]
 
 
 def assert_covered(coverage, delta, label):
@@ -37,8 +49,8 @@ def assert_covered(coverage, delta, label):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_verified_rules_keep_their_promise(family, length, epsilon, delta, rule):
     q, k, v = synthetic_heads(family, HEADS, length, 64, torch.Generator().manual_seed(length))
-    cfg = VAttentionConfig(sink=16, local=16, heavy=0.05, base_rate=0.05, epsilon=epsilon,
-                           delta=delta, rule=rule)
+    cfg = VAttentionConfig(sink=16, local=16, heavy=0.05, epsilon=epsilon, delta=delta,
+                           rule=rule)
     coverage = measure(q, k, v, cfg, trials=TRIALS, seed=1)
     assert_covered(coverage, delta, f"{rule} {family} n={length} ({epsilon}, {delta})")
 
@@ -51,10 +63,26 @@ def test_int4_selector_keeps_the_promise(family, length, epsilon, delta):
     # The selector only chooses the deterministic set, yet a selector that leaves heavy
     # tokens in the residual makes the pilot miss them: coverage is the int4 summary's test.
     q, k, v = synthetic_heads(family, HEADS, length, 64, torch.Generator().manual_seed(length))
-    cfg = VAttentionConfig(sink=16, local=16, heavy=0.05, base_rate=0.05, epsilon=epsilon,
-                           delta=delta, selector="int4")
+    cfg = VAttentionConfig(sink=16, local=16, heavy=0.05, epsilon=epsilon, delta=delta,
+                           selector="int4")
     coverage = measure(q, k, v, cfg, trials=TRIALS, seed=1)
     assert_covered(coverage, delta, f"int4 {family} n={length} ({epsilon}, {delta})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pilot", OTHER_PILOTS)
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("epsilon,delta", SETTINGS)
+@pytest.mark.parametrize("length", [512, 4096])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pilot_settings_keep_the_promise(family, length, epsilon, delta, selector, pilot):
+    # Pilot reuse makes the sample size depend on the pilot's draws (a stopping rule): the
+    # estimator is unbiased only asymptotically, so coverage decides whether it may ship.
+    q, k, v = synthetic_heads(family, HEADS, length, 64, torch.Generator().manual_seed(length))
+    cfg = VAttentionConfig(sink=16, local=16, heavy=0.05, epsilon=epsilon, delta=delta,
+                           selector=selector, **PILOTS[pilot])
+    coverage = measure(q, k, v, cfg, trials=TRIALS, seed=1)
+    assert_covered(coverage, delta, f"{pilot} {selector} {family} n={length} ({epsilon}, {delta})")
 
 
 @pytest.mark.slow
@@ -106,8 +134,8 @@ def measure_model(items, cfg, with_bytes=False):
 @pytest.mark.parametrize("rule", ["ratio", "paper"])
 @pytest.mark.parametrize("epsilon,delta", SETTINGS)
 def test_verified_rules_keep_their_promise_on_smollm2(smollm2_heads, rule, epsilon, delta):
-    cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, base_rate=0.05, epsilon=epsilon,
-                           delta=delta, rule=rule)
+    cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, epsilon=epsilon, delta=delta,
+                           rule=rule)
     violations, density = measure_model(smollm2_heads, cfg)
     heads = violations.numel()
     assert heads == 30 * 9 * len(MODEL_POSITIONS)
@@ -125,8 +153,8 @@ def test_verified_rules_keep_their_promise_on_smollm2(smollm2_heads, rule, epsil
 @requires_model
 @pytest.mark.parametrize("epsilon,delta", SETTINGS)
 def test_int4_selector_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delta):
-    cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, base_rate=0.05, epsilon=epsilon,
-                           delta=delta, selector="int4")
+    cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, epsilon=epsilon, delta=delta,
+                           selector="int4")
     violations, _, relative_bytes = measure_model(smollm2_heads, cfg, with_bytes=True)
     heads = violations.numel()
     assert heads == 30 * 9 * len(MODEL_POSITIONS)
@@ -138,6 +166,24 @@ def test_int4_selector_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delt
     oracle = cfg.replace(selector="oracle")
     _, _, oracle_bytes = measure_model(smollm2_heads[:6], oracle, with_bytes=True)
     assert float(relative_bytes[:oracle_bytes.numel()].mean()) < float(oracle_bytes.mean())
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@requires_model
+@pytest.mark.parametrize("pilot", OTHER_PILOTS)
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("epsilon,delta", SETTINGS)
+def test_pilot_settings_keep_the_promise_on_smollm2(smollm2_heads, epsilon, delta, selector,
+                                                    pilot):
+    cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, epsilon=epsilon, delta=delta,
+                           selector=selector, **PILOTS[pilot])
+    violations, _ = measure_model(smollm2_heads, cfg)
+    heads = violations.numel()
+    total_allowed = binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
+    assert int(violations.sum()) <= total_allowed
+    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
+    assert int(violations.max()) <= per_head_allowed, int(violations.max())
 
 
 @pytest.mark.slow

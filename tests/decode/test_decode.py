@@ -153,11 +153,15 @@ def test_residual_estimates_are_unbiased():
     assert ((n_hat.mean(0) - n_true).abs() < 4 * se_n + 1e-9).float().mean() >= 0.95
 
 
-def test_output_mean_converges_to_exact():
+@pytest.mark.parametrize("reuse_pilot", [False, True])
+def test_output_mean_converges_to_exact(reuse_pilot):
     # O^ = N^ / Z^ is a ratio estimator (bias O(1/b)); averaged over many seeds it sits
-    # far closer to O than any single estimate does.
+    # far closer to O than any single estimate does. With pilot reuse the sample size
+    # depends on the pilot's draws (a stopping rule): unbiased only asymptotically, and
+    # still far closer on average than one estimate.
     q, k, v = random_qkv(1, 2, 2, 6000, 64, torch.float32, "cpu", seed=4)
-    cfg = VAttentionConfig(sink=8, local=8, heavy=0.01, epsilon=0.3, delta=0.3, rule="denominator")
+    cfg = VAttentionConfig(sink=8, local=8, heavy=0.01, epsilon=0.3, delta=0.3, rule="denominator",
+                           base_rate=128, reuse_pilot=reuse_pilot)
     trials = 256
     out, stats = vattention.decode(q.expand(trials, -1, -1), k.expand(trials, -1, -1, -1),
                                    v.expand(trials, -1, -1, -1), cfg, seed=5, return_stats=True)
@@ -189,17 +193,103 @@ def test_stats_are_consistent(device):
     assert bool((stats["error_bound"].cpu()[not_exact] <= cfg.epsilon + 1e-9).all())
 
 
+@pytest.mark.parametrize("reuse_pilot", [False, True])
 @pytest.mark.parametrize("share_gqa", [True, False])
-def test_decode_is_exact_when_the_residual_is_enumerated(device, share_gqa):
+def test_decode_is_exact_when_the_residual_is_enumerated(device, share_gqa, reuse_pilot):
+    # With reuse_pilot the pilot enumerated the residual and so does the final sample: the
+    # pilot must not be counted twice.
     g = torch.Generator().manual_seed(23)
     q, k, v = make_qkv(3, 8, 2, 200, 64, torch.float32, g)
     seq_lens = torch.tensor([200, 57, 1])
     cfg = vattention.VAttentionConfig(sink=3, local=5, heavy=10, base_rate=1.0,
-                                      share_gqa=share_gqa)
+                                      share_gqa=share_gqa, reuse_pilot=reuse_pilot)
     out = vattention.decode(q.to(device), k.to(device), v.to(device), cfg,
                             seq_lens=seq_lens.to(device), seed=5)
     dense = dense_attention_ref(q, k, v, 1 / 8, seq_lens.tolist())
     torch.testing.assert_close(out.cpu().to(torch.float64), dense, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# The pilot as a count, and pilot reuse
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reuse_pilot", [False, True])
+@pytest.mark.parametrize("base_rate", [0.05, 64])
+@pytest.mark.parametrize("group,share", [(4, True), (4, False), (1, False)])
+def test_pilot_settings_match_reference(device, base_rate, group, share, reuse_pilot):
+    q, k, v = random_qkv(3, 2 * group, 2, 1900, 64, torch.float32, device, seed=31 + group)
+    lengths = [1900, 700, 1]
+    cfg = VAttentionConfig(sink=8, local=16, heavy=0.04, base_rate=base_rate, epsilon=0.2,
+                           delta=0.2, share_gqa=share, reuse_pilot=reuse_pilot)
+    out, stats = vattention.decode(q, k, v, cfg, seq_lens=torch.tensor(lengths), seed=11,
+                                   return_stats=True)
+    heavy = stats["heavy_indices"].cpu()
+    heavy_lists = [[[int(i) for i in row if i >= 0] for row in batch_row] for batch_row in heavy]
+    budgets = list_budgets(stats, group, share)
+    expected, traces = reference.decode(
+        q.cpu(), k.cpu(), v.cpu(), cfg, seq_lens=lengths, seed=11, heavy_override=heavy_lists,
+        budget_override=budgets.tolist(), return_trace=True)
+    error = (out.double().cpu() - expected).abs().max() / expected.abs().max()
+    assert error < TOLERANCE[torch.float32], float(error)
+    pilot = stats["pilot"].cpu()
+    pilot_lists = pilot[:, ::group] if share else pilot
+    sampled = 0
+    for b, row_traces in enumerate(traces):
+        for lst, trace in enumerate(row_traces):
+            assert len(trace.sample) == int(budgets[b, lst])
+            if reuse_pilot and len(trace.pilot) < len(trace.residual) \
+                    and budgets[b, lst] < len(trace.residual):
+                # The estimate's draws begin with the pilot's, all weighing n_r / budget.
+                sampled += 1
+                assert trace.sample[:len(trace.pilot)] == trace.pilot
+                assert int(budgets[b, lst]) >= int(pilot_lists[b, lst])
+                assert trace.sample_weight == pytest.approx(len(trace.residual) / len(trace.sample))
+    assert sampled >= 2 or not reuse_pilot
+    if isinstance(base_rate, int):
+        n_res = stats["n_residual"].cpu()
+        assert torch.equal(pilot.long(), torch.where(n_res > 0, n_res.clamp(min=2, max=64), 0))
+
+
+def test_reuse_pilot_saves_the_pilots_rows(device):
+    # Same seed, same pilot, same budget b: without reuse the kernels load p + b residual
+    # rows, with reuse p + max(b - p, 0) (the pilot's share of the estimate comes from its
+    # statistics, not from loading its rows again), at least min_samples draws in all.
+    q, k, v = random_qkv(2, 8, 2, 5000, 64, torch.float32, device, seed=6)
+    cfg = VAttentionConfig(sink=32, local=32, heavy=0.03, base_rate=128, epsilon=0.2, delta=0.2,
+                           reuse_pilot=False)
+    lengths = torch.tensor([5000, 2600])
+    _, plain = vattention.decode(q, k, v, cfg, seq_lens=lengths, seed=0, return_stats=True)
+    _, reused = vattention.decode(q, k, v, cfg.replace(reuse_pilot=True), seq_lens=lengths,
+                                  seed=0, return_stats=True)
+    assert torch.equal(plain["pilot"], reused["pilot"])
+    assert torch.equal(plain["required"], reused["required"])
+    assert not bool(reused["exact"].any())
+    pilot, budget = plain["pilot"].cpu(), plain["budget"].cpu()
+    assert torch.equal(reused["budget"].cpu(), torch.maximum(budget, pilot))
+    assert bool((reused["budget"].cpu() >= cfg.min_samples).all())
+    saved_rows = (plain["relative_bytes"] - reused["relative_bytes"]).cpu().double() \
+        * lengths[:, None].double()
+    assert torch.allclose(saved_rows, torch.minimum(budget, pilot).double(), atol=0.05)
+    assert bool((reused["density"] <= plain["density"]).all())
+    # The promise at the draws taken: error_bound uses the estimate's whole sample.
+    expected_bound = cfg.epsilon * torch.sqrt(reused["required"].cpu()
+                                              / reused["budget"].cpu().double())
+    assert torch.allclose(reused["error_bound"].cpu(), expected_bound)
+
+
+@pytest.mark.parametrize("share_gqa", [True, False])
+def test_reuse_pilot_is_exact_when_the_budget_reaches_the_residual(device, share_gqa):
+    # The pilot did not enumerate the residual but the budget did: the final sample then
+    # enumerates it with weight 1, and the pilot's draws must not be added on top.
+    q, k, v = random_qkv(2, 8, 2, 2000, 64, torch.float32, device, seed=1)
+    cfg = VAttentionConfig(sink=16, local=16, heavy=0.02, base_rate=64, epsilon=1e-4,
+                           delta=0.01, share_gqa=share_gqa, reuse_pilot=True)
+    out, stats = vattention.decode(q, k, v, cfg, seed=1, return_stats=True)
+    assert bool(stats["exact"].all())
+    assert bool((stats["pilot"] < stats["n_residual"]).all())
+    assert torch.equal(stats["budget"].long().cpu(), stats["n_residual"].cpu())
+    assert torch.allclose(out.double().cpu(), reference.dense(q.cpu(), k.cpu(), v.cpu()), atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

@@ -187,11 +187,17 @@ def _pilot_and_sample(q, k, v, cfg, seed):
     pilot_max = max(2, resolve_size(cfg.base_rate, N))
     pilot, _, pilot_n = ops.sample_residual(heavy, starts, ends, pilot_wanted, rng, pilot_max,
                                             ops.PILOT_DRAWS)
-    budget_lists = stats["budget"][0, ::2].to(torch.int32).contiguous()
+    budget_lists = stats["budget"][0, ::2].to(torch.int32)
+    if cfg.reuse_pilot:
+        # stats["budget"] then counts the pilot's draws too: the final sample drew the rest
+        # (all of the budget where the residual was enumerated and the pilot not counted).
+        budget_lists = torch.where(stats["exact"][0, ::2], budget_lists,
+                                   budget_lists - stats["pilot"][0, ::2].to(torch.int32))
+    budget_lists = budget_lists.contiguous()
     sample, _, sample_n = ops.sample_residual(heavy, starts, ends, budget_lists, rng, N,
                                               ops.FINAL_DRAWS)
     assert pilot_n.tolist()[0] == int(stats["pilot"][0, 0])
-    assert sample_n.tolist()[0] == int(stats["budget"][0, 0])
+    assert sample_n.tolist()[0] == int(budget_lists[0])
     return (set(pilot[0, :int(pilot_n[0])].tolist()), set(sample[0, :int(sample_n[0])].tolist()),
             stats)
 
@@ -259,11 +265,15 @@ def test_nan_read_by_the_pilot_only_makes_the_residual_exact(device, tensor, rul
     _assert_nan_only_in(out, {0, 1}, whole_head=tensor == "k")
 
 
+@pytest.mark.parametrize("reuse_pilot", [False, True])
 @pytest.mark.parametrize("tensor", ["k", "v"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_nan_read_by_the_sample_only(device, tensor, num_splits):
+def test_nan_read_by_the_sample_only(device, tensor, num_splits, reuse_pilot):
     q, k, v = _inputs(device)
-    cfg = BASE.replace(heavy=0 if tensor == "k" else BASE.heavy, num_splits=num_splits)
+    # With reuse the final sample draws only what the budget wants beyond the pilot: a
+    # 4-token pilot leaves it some draws.
+    cfg = BASE.replace(heavy=0 if tensor == "k" else BASE.heavy, num_splits=num_splits,
+                       reuse_pilot=reuse_pilot, base_rate=4 if reuse_pilot else BASE.base_rate)
     seed, row = _row_read_only_by("sample", q, k, v, cfg)
     clean_budget = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True)[1]["budget"]
     (k if tensor == "k" else v)[0, 0, row, 3] = NAN

@@ -344,14 +344,19 @@ def test_relative_bytes_is_a_hand_count(device, selector, share):
     got = stats["relative_bytes"].cpu()
     assert got.shape == (batch, q_heads) and got.dtype == torch.float32
     pilot, budget = stats["pilot"].cpu(), stats["budget"].cpu()
-    assert not stats["exact"].cpu().all()  # a sampled step, or the count proves little
+    exact = stats["exact"].cpu()
+    assert not exact.all()  # a sampled step, or the count proves little
     row_bytes = 2 * dim * 2                                   # K and V of one fp16 row
     selector_row = dim * 2 if selector == "oracle" else dim // 2 + 4 * (dim // 32)
     for b, n in enumerate(lengths):
         for kv in range(kv_heads):
             heads = range(kv * group, (kv + 1) * group)
-            # Every list: sink + local + heavy rows attended, then its pilot and its sample.
-            per_list = [3 + 5 + 10 + int(pilot[b, h]) + int(budget[b, h]) for h in heads]
+            # Every list: sink + local + heavy rows attended, then its pilot and its sample
+            # (with reuse_pilot, the default, stats["budget"] counts the pilot's draws too
+            # unless exact, and the final sample drew the rest; the pilot's rows load once).
+            final = [int(budget[b, h]) - (int(pilot[b, h]) if cfg.reuse_pilot
+                                          and not bool(exact[b, h]) else 0) for h in heads]
+            per_list = [3 + 5 + 10 + int(pilot[b, h]) + f for h, f in zip(heads, final)]
             rows = per_list[0] if share else sum(per_list)
             want = (n * selector_row + rows * row_bytes) / (n * row_bytes)
             for h in heads:
