@@ -137,16 +137,20 @@ std::tuple<at::Tensor, at::Tensor> combine_cpu_op(const at::Tensor& partial_out,
                       at::empty(partial_lse.sizes().slice(1), partial_lse.options()));
 }
 
-at::Tensor select_scores_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lengths,
-                               double scale, bool share_gqa) {
-  SelectScoresParams p = select_scores_params(q, k, lengths, scale, share_gqa);
-  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+// Both scoring ops (keys from K or from the summary) run the same kernel on filled params.
+at::Tensor run_select_scores(SelectScoresParams p, const at::Tensor& q) {
+  const int64_t heads = p.share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
   at::Tensor scores =
       at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
   p.scores = scores.data_ptr<float>();
   at::parallel_for(0, p.qkv.batch * p.qkv.kv_heads, kGrain,
                    [&](int64_t begin, int64_t end) { select_scores_cpu(p, begin, end); });
   return scores;
+}
+
+at::Tensor select_scores_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lengths,
+                               double scale, bool share_gqa) {
+  return run_select_scores(select_scores_params(q, k, lengths, scale, share_gqa), q);
 }
 
 void summarize_keys_cpu_op(const at::Tensor& k, const at::Tensor& codes, const at::Tensor& params,
@@ -163,14 +167,8 @@ void summarize_keys_cpu_op(const at::Tensor& k, const at::Tensor& codes, const a
 at::Tensor select_scores_summary_cpu_op(const at::Tensor& q, const at::Tensor& codes,
                                         const at::Tensor& params, const at::Tensor& lengths,
                                         double scale, bool share_gqa) {
-  SelectScoresParams p = select_scores_summary_params(q, codes, params, lengths, scale, share_gqa);
-  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
-  at::Tensor scores =
-      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
-  p.scores = scores.data_ptr<float>();
-  at::parallel_for(0, p.qkv.batch * p.qkv.kv_heads, kGrain,
-                   [&](int64_t begin, int64_t end) { select_scores_cpu(p, begin, end); });
-  return scores;
+  return run_select_scores(
+      select_scores_summary_params(q, codes, params, lengths, scale, share_gqa), q);
 }
 
 }  // namespace

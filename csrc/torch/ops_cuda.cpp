@@ -157,13 +157,10 @@ std::tuple<at::Tensor, at::Tensor> combine_cuda_op(const at::Tensor& partial_out
   return {out, lse};
 }
 
-at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& lengths, double scale, bool share_gqa) {
-  check_cuda(q, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
-  SelectScoresParams p = select_scores_params(q, k, lengths, scale, share_gqa);
+// Both scoring ops (keys from K or from the summary) run the same kernel on filled params.
+at::Tensor run_select_scores(SelectScoresParams p, const at::Tensor& q) {
   check_head_dim(p.qkv.head_dim);
-  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
+  const int64_t heads = p.share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
   at::Tensor scores =
       at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
@@ -174,6 +171,13 @@ at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
   C10_CUDA_CHECK(select_scores_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
                                     at::cuda::getCurrentCUDAStream()));
   return scores;
+}
+
+at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& lengths, double scale, bool share_gqa) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return run_select_scores(select_scores_params(q, k, lengths, scale, share_gqa), q);
 }
 
 // Writes the summary rows in place; row_begin stays on the device (positions outside
@@ -193,19 +197,8 @@ at::Tensor select_scores_summary_cuda_op(const at::Tensor& q, const at::Tensor& 
                                          double scale, bool share_gqa) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  SelectScoresParams p = select_scores_summary_params(q, codes, params, lengths, scale, share_gqa);
-  check_head_dim(p.qkv.head_dim);
-  const int64_t heads = share_gqa ? p.qkv.kv_heads : p.qkv.q_heads;
-  at::Tensor scores =
-      at::empty({p.qkv.batch, heads, p.qkv.length}, q.options().dtype(at::kFloat));
-  if (scores.numel() == 0) return scores;
-  p.scores = scores.data_ptr<float>();
-  const size_t ws_bytes = select_scores_cuda_workspace_bytes(p);
-  at::Tensor workspace;
-  if (ws_bytes > 0) workspace = at::empty({int64_t(ws_bytes)}, q.options().dtype(at::kByte));
-  C10_CUDA_CHECK(select_scores_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
-                                    at::cuda::getCurrentCUDAStream()));
-  return scores;
+  return run_select_scores(
+      select_scores_summary_params(q, codes, params, lengths, scale, share_gqa), q);
 }
 
 }  // namespace

@@ -35,6 +35,17 @@ def token_ids(tokenizer, n_tokens: int, text: Optional[str], default_text: Calla
     return ids[:n_tokens]
 
 
+def absolute_indices(values, count: int, what: str, unit: str) -> list:
+    """``values`` (negative ones count from the end) as indices into ``count`` items."""
+    out = []
+    for value in values:
+        a = value + count if value < 0 else value
+        if not 0 <= a < count:
+            raise IndexError(f"{what} {value} out of range for {count} {unit}")
+        out.append(a)
+    return out
+
+
 def to_f32(t: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 CPU copy that owns its storage (safe to keep past the forward)."""
     return t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)

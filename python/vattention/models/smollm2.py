@@ -119,18 +119,9 @@ def _capture(
     n = ids.numel()
     n_layers = model.config.num_hidden_layers
 
-    abs_positions = []
-    for p in positions:
-        a = p + n if p < 0 else p
-        if not 0 <= a < n:
-            raise IndexError(f"position {p} out of range for {n} tokens")
-        abs_positions.append(a)
-    abs_layers = []
-    for layer in range(n_layers) if layers is None else layers:
-        a = layer + n_layers if layer < 0 else layer
-        if not 0 <= a < n_layers:
-            raise IndexError(f"layer {layer} out of range for {n_layers} layers")
-        abs_layers.append(a)
+    abs_positions = capture.absolute_indices(positions, n, "position", "tokens")
+    abs_layers = capture.absolute_indices(range(n_layers) if layers is None else layers, n_layers,
+                                          "layer", "layers")
     wanted, last = set(abs_layers), max(abs_layers)
 
     seen: dict[int, list[dict]] = {}
