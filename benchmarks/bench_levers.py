@@ -40,6 +40,15 @@ def synthetic_cases(lengths, heads):
             yield f"{family}/n={length}", q, k, v, None
 
 
+def capture_cases(paths):
+    """Records saved by benchmarks/capture_gemma3.py --save (or a list of smollm2 capture
+    records saved with torch.save): each record's heads decoded as one [1, Hq, D] case."""
+    for path in paths:
+        for item in torch.load(path, weights_only=False):
+            name = f"{Path(path).stem}/L{item.get('layer', '?')}/p{item.get('position', '?')}"
+            yield name, item["q"][None], item["k"][None], item["v"][None], item["scale"]
+
+
 def smollm2_cases(n_tokens, positions):
     from vattention.models import smollm2
 
@@ -93,12 +102,21 @@ def main(argv=None):
     parser.add_argument("--model-tokens", type=int, default=4096)
     parser.add_argument("--model-positions", default="-1,-2049")
     parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--captures", default="",
+                        help="comma-separated capture files (torch.save'd records), each a "
+                             "source of its own, decoded with sink = local = 128")
+    parser.add_argument("--capture-trials", type=int, default=16, help="seeds per captured head")
     parser.add_argument("--json", default="benchmarks/results/levers.json")
     args = parser.parse_args(argv)
 
     settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
-    sources = {"synthetic": (list(synthetic_cases(lengths, args.heads)), args.trials, 16)}
+    sources = {}
+    if not args.no_synthetic:
+        sources["synthetic"] = (list(synthetic_cases(lengths, args.heads)), args.trials, 16)
+    for path in filter(None, args.captures.split(",")):
+        sources[Path(path).stem] = (list(capture_cases([path])), args.capture_trials, 128)
     if not args.no_model:
         from vattention.models import smollm2
 
@@ -117,9 +135,9 @@ def main(argv=None):
         for selector in args.selectors.split(","):
             for epsilon, delta in settings:
                 for lever in args.levers.split(","):
-                    cfg = VAttentionConfig(sink=edge, local=edge, heavy=0.05, epsilon=epsilon,
-                                           delta=delta, rule="ratio", selector=selector,
-                                           **LEVERS[lever])
+                    base = dict(sink=edge, local=edge, heavy=0.05, epsilon=epsilon,
+                                delta=delta, rule="ratio", selector=selector)
+                    cfg = VAttentionConfig(**{**base, **LEVERS[lever]})
                     start = time.time()
                     results = [measure(q, k, v, cfg, trials=trials, seed=i, scale=scale)
                                for i, (_, q, k, v, scale) in enumerate(cases)]
