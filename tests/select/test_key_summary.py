@@ -256,7 +256,8 @@ def test_python_entry_points_reject_bad_arguments():
         update_key_summary(summary, torch.randn(2, 2, 1, 64), -1)
     with pytest.raises(ValueError, match=r"\bsummary.codes must have shape"):
         update_key_summary(summary, torch.randn(2, 3, 1, 64), 0)
-    with pytest.raises(ValueError, match=r"selector must be one of \('oracle', 'int4'\)"):
+    with pytest.raises(ValueError, match=r"selector must be one of \('oracle', 'int4', "
+                                         r"'int3_channel'\)"):
         VAttentionConfig(selector="int5")
     q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
     cfg = VAttentionConfig(selector="int4", heavy=2, sink=1, local=1)
@@ -331,7 +332,7 @@ def test_decode_int4_matches_reference(device, share):
 
 
 @pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("selector", ["oracle", "int4"])
+@pytest.mark.parametrize("selector", ["oracle", "int4", "int3_channel"])
 def test_relative_bytes_is_a_hand_count(device, selector, share):
     batch, q_heads, kv_heads, length, dim = 2, 4, 2, 400, 64
     group = q_heads // kv_heads
@@ -347,7 +348,13 @@ def test_relative_bytes_is_a_hand_count(device, selector, share):
     exact = stats["exact"].cpu()
     assert not exact.all()  # a sampled step, or the count proves little
     row_bytes = 2 * dim * 2                                   # K and V of one fp16 row
-    selector_row = dim * 2 if selector == "oracle" else dim // 2 + 4 * (dim // 32)
+    def selector_bytes(n):
+        if selector == "oracle":
+            return n * dim * 2
+        if selector == "int4":
+            return n * (dim // 2 + 4 * (dim // 32))
+        # 3-bit codes per token, an fp16 zero and step per channel of each 64-token block.
+        return n * 3 * dim // 8 + math.ceil(n / 64) * dim * 4
     for b, n in enumerate(lengths):
         for kv in range(kv_heads):
             heads = range(kv * group, (kv + 1) * group)
@@ -358,7 +365,7 @@ def test_relative_bytes_is_a_hand_count(device, selector, share):
                                           and not bool(exact[b, h]) else 0) for h in heads]
             per_list = [3 + 5 + 10 + int(pilot[b, h]) + f for h, f in zip(heads, final)]
             rows = per_list[0] if share else sum(per_list)
-            want = (n * selector_row + rows * row_bytes) / (n * row_bytes)
+            want = (selector_bytes(n) + rows * row_bytes) / (n * row_bytes)
             for h in heads:
                 assert got[b, h].item() == pytest.approx(want, rel=1e-6), (b, h)
     # The int4 summary costs 20 / 128 of a row where the oracle reads half of it.
@@ -394,3 +401,152 @@ def test_compile_fullgraph_build_update_and_decode():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, k_new, row_begin)
     torch.testing.assert_close(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
+
+
+# --------------------------------------------------------------------------------------
+# int3_channel: 3-bit codes, a zero and a step per channel and block of 64 tokens
+# --------------------------------------------------------------------------------------
+
+
+def channel_reference(k, lengths=None):
+    """Per (batch, head, block, channel), straight from the docstring: the dequantised keys
+    [B, H, N, D] and the codes [B, H, N, D] (uint8 0..7), float32 arithmetic, fp16 params."""
+    batch, heads, length, dim = k.shape
+    x = k.float()
+    keys = torch.zeros(batch, heads, length, dim)
+    codes = torch.zeros(batch, heads, length, dim, dtype=torch.uint8)
+    for b in range(batch):
+        n = length if lengths is None else int(lengths[b])
+        for start in range(0, n, 64):
+            rows = x[b, :, start:min(start + 64, n)]                      # [H, r, D]
+            zero = rows.amin(dim=1, keepdim=True).half().float()
+            step = ((rows.amax(dim=1, keepdim=True) - zero) / 7).half().float()
+            level = torch.where(step == 0, torch.zeros_like(rows), torch.round((rows - zero) / step))
+            level = torch.nan_to_num(level, nan=0.0).clamp(0, 7)
+            codes[b, :, start:start + rows.shape[1]] = level.to(torch.uint8)
+            keys[b, :, start:start + rows.shape[1]] = zero + step * level
+    return keys, codes
+
+
+def unpack_channel_codes(packed, dim):
+    out = torch.zeros(*packed.shape[:-1], dim, dtype=torch.uint8)
+    for d in range(dim):
+        low = (packed[..., d // 4] >> (2 * (d % 4))) & 3
+        high = (packed[..., dim // 4 + d // 8] >> (d % 8)) & 1
+        out[..., d] = low | (high << 2)
+    return out
+
+
+def channel_keys(batch, heads, length, dim, dtype, seed):
+    # Outlier channels: per-channel offsets and ranges over several magnitudes.
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, heads, length, dim, generator=g)
+    k = k * torch.exp2(torch.randint(-4, 5, (1, heads, 1, dim), generator=g).float())
+    k = k + 8 * torch.randn(1, heads, 1, dim, generator=g)
+    k[0, 0, :, 3] = 0.5                                   # a constant channel: step 0
+    return k.to(dtype)
+
+
+@pytest.mark.parametrize("dim", [8, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int3_channel_summary_matches_plain_reference(dtype, dim):
+    k = channel_keys(2, 3, 150, dim, dtype, seed=dim)
+    lengths = torch.tensor([150, 70])
+    summary = build_key_summary(k, "int3_channel", lengths)
+    assert summary.format == "int3_channel" and summary.head_dim == dim
+    assert summary.codes.shape == (2, 3, 150, 3 * dim // 8)
+    assert summary.params.shape == (2, 3, 3, dim, 2) and summary.params.dtype == torch.float16
+    keys, codes = channel_reference(k, lengths)
+    got_codes = unpack_channel_codes(summary.codes, dim)
+    assert torch.equal(got_codes[0], codes[0]) and torch.equal(got_codes[1, :, :70], codes[1, :, :70])
+    assert not got_codes[1, :, 70:].any()                 # beyond the length: codes 0
+    deq = dequantize_torch(summary)
+    assert torch.equal(deq[0], keys[0]) and torch.equal(deq[1, :, :70], keys[1, :, :70])
+    assert set(codes.unique().tolist()) == set(range(8))  # both planes, every level in use
+    assert (summary.params[0, 0, :, 3, 1] == 0).all()     # the constant channel
+    # Row 70 of batch row 1 lies beyond its length: it does not move that block's range.
+    bumped = k.clone()
+    bumped[1, :, 70:] = 1e4
+    again = build_key_summary(bumped, "int3_channel", lengths)
+    assert torch.equal(again.params[1, :, :2], summary.params[1, :, :2])
+    # Bytes: 3 D / 8 codes and D / 16 of block parameters per token (0.109 of bf16 K+V).
+    assert summary.bytes_per_token == 3 * dim / 8 + dim / 16
+    assert summary_bytes_per_token(dim, "int3_channel") / (4 * dim) == pytest.approx(0.109375)
+
+
+def test_int3_channel_update_is_a_rebuild_of_the_cache():
+    # Decode appends a token at a time (and some rows a chunk at once); after each append
+    # the summary is byte-equal to a rebuild of the cache's rows so far.
+    batch, heads, dim, total = 3, 2, 64, 200
+    cache = channel_keys(batch, heads, total, dim, torch.float32, seed=5)
+    summary = empty_key_summary(batch, heads, 230, dim, format="int3_channel")
+    update_key_summary(summary, cache[:, :, :100], 0, k_cache=cache[:, :, :100])
+    ends = torch.tensor([100, 100, 100], dtype=I64)
+    for step in range(40):
+        grow = torch.tensor([1, 3, 0], dtype=I64) if step % 2 else torch.tensor([1, 1, 1])
+        width = int(grow.max())
+        # k_new: each row's new keys at its own position (a fixed-size cache).
+        k_new = torch.stack([cache[b, :, int(ends[b]):int(ends[b]) + width] for b in range(batch)])
+        update_key_summary(summary, k_new, ends.clone(), k_cache=cache)
+        ends = ends + width
+        for b in range(batch):
+            n = int(ends[b])
+            fresh = build_key_summary(cache[b:b + 1, :, :n], "int3_channel")
+            assert torch.equal(summary.codes[b:b + 1, :, :n], fresh.codes), (step, b)
+            assert torch.equal(summary.params[b:b + 1, :, :fresh.params.shape[2]], fresh.params)
+    # Rows beyond the summary's length are skipped.
+    update_key_summary(summary, cache[:, :, :5], 228, k_cache=torch.cat([cache, cache], 2))
+    with pytest.raises(ValueError, match="k_cache"):
+        update_key_summary(summary, cache[:, :, :1], 10)
+    with pytest.raises(ValueError, match="format"):
+        build_key_summary(cache, "int2")
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_int3_channel_scores_are_those_of_its_keys(share):
+    q, k, lengths = scores_inputs(3, 4, 2, 300, 64, torch.float32, "cpu", seed=21)
+    k = k + 4 * torch.randn(1, 2, 1, 64)
+    summary = build_key_summary(k, "int3_channel", lengths)
+    got = select_scores(q, k, lengths, 0.2, share, selector="int3_channel", key_summary=summary)
+    keys, _ = channel_reference(k, lengths)
+    want = select_scores_torch(q, keys, lengths, 0.2, share)
+    assert torch.equal(got, want)
+    # Without a summary it builds the same one from k's valid rows.
+    assert torch.equal(select_scores(q, k, lengths, 0.2, share, selector="int3_channel"), got)
+    with pytest.raises(ValueError, match="int4"):
+        select_scores(q, k, lengths, 0.2, share, selector="int3_channel",
+                      key_summary=build_key_summary(k))
+
+
+def test_int3_channel_nan_block_is_selected_first():
+    # A NaN key makes its block's channel NaN: the block scores NaN, select_topk takes it
+    # first, and the NaN row reaches the output.
+    q, k, v = decode_inputs(1, 2, 1, 600, 64, torch.float32, "cpu", seed=6)
+    k[0, 0, 300, 10] = float("nan")
+    cfg = VAttentionConfig(sink=4, local=8, heavy=70, selector="int3_channel")
+    out, stats = vattention.decode(q, k, v, cfg, seed=0, return_stats=True)
+    heavy = set(stats["heavy_indices"][0, 0].tolist())
+    assert set(range(256, 320)) <= heavy
+    assert torch.isnan(out).all()
+
+
+def test_decode_int3_channel_with_and_without_a_summary():
+    q, k, v = decode_inputs(2, 4, 2, 1500, 64, torch.float32, "cpu", seed=17)
+    lengths = torch.tensor([1500, 900])
+    cfg = VAttentionConfig(sink=4, local=8, heavy=0.05, epsilon=0.2, delta=0.2,
+                           selector="int3_channel")
+    out, stats = vattention.decode(q, k, v, cfg, seq_lens=lengths, seed=3, return_stats=True)
+    summary = build_key_summary(k, "int3_channel", lengths)
+    again = vattention.decode(q, k, v, cfg, seq_lens=lengths, seed=3, key_summary=summary)
+    assert torch.equal(again, out)
+    # Its heavy sets are the top-k of its own scores among the window.
+    scores = select_scores_torch(q, dequantize_torch(summary), lengths, 1 / 8, True)
+    heavy = stats["heavy_indices"]
+    for b, n in enumerate(lengths.tolist()):
+        count = int(0.05 * n)
+        for kv in range(2):
+            window = scores[b, kv, 4:n - 8]
+            want = set((window.topk(count).indices + 4).tolist())
+            assert set(heavy[b, kv][heavy[b, kv] >= 0].tolist()) == want
+    with pytest.raises(ValueError, match="int3_channel"):
+        vattention.decode(q, k, v, cfg, seq_lens=lengths, key_summary=build_key_summary(k))

@@ -40,10 +40,10 @@ What runs where:
   ``head_dim ** -0.5``) is passed to ``decode`` as its ``scale``. GQA groups of any size
   and any head dim ``decode`` accepts (Gemma-3-270M: 4 query heads on 1 KV head, dim 256)
   go through unchanged.
-- **Key summary** (``VAttentionConfig(selector="int4")``): each such layer keeps a
-  ``vattention.key_summary.KeySummary`` of its cache's keys, built at the layer's first
-  decode step after a prefill (from the whole cache) and updated in place with each token
-  the cache appends (``update_key_summary``), then passed to ``decode(key_summary=...)``
+- **Key summary** (``VAttentionConfig(selector="int4")`` or ``"int3_channel"``): each such
+  layer keeps a ``vattention.key_summary.KeySummary`` of its cache's keys, built at the
+  layer's first decode step after a prefill (from the whole cache) and updated in place
+  with each token the cache appends (``update_key_summary``), then passed to ``decode(key_summary=...)``
   so a step scores the summary instead of reading K. A growing (dynamic) cache appends
   rows at its end; a fixed-size (static) cache writes row ``seq_len - 1`` of each batch
   row. A prefill drops the summary. Caches reordered in place between steps (beam search)
@@ -452,13 +452,28 @@ def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
 # --------------------------------------------------------------------------- attention
 
 def _rows(summary, begin: int, end: int, batch: Optional[int] = None):
-    """Rows [begin, end) of a summary (of batch row ``batch`` alone when given): views."""
+    """Rows [begin, end) of a summary (of batch row ``batch`` alone when given): views.
+    None for an int3_channel summary cut inside a block (its blocks start at multiples of
+    64): decode then builds one from those keys."""
     b = slice(None) if batch is None else slice(batch, batch + 1)
+    if summary.format == "int3_channel":
+        if begin % _ks.CHANNEL_BLOCK:
+            return None
+        blocks = slice(begin // _ks.CHANNEL_BLOCK, _param_rows(summary, end))
+        return _ks.KeySummary(summary.codes[b, :, begin:end], summary.params[b, :, blocks],
+                              summary.format)
     return _ks.KeySummary(summary.codes[b, :, begin:end], summary.params[b, :, begin:end])
 
 
+def _param_rows(summary, rows: int) -> int:
+    """Rows of summary.params that describe its first ``rows`` tokens."""
+    if summary.format == "int3_channel":
+        return -(-rows // _ks.CHANNEL_BLOCK)
+    return rows
+
+
 def _uses_summary(entry: LayerEntry) -> bool:
-    return isinstance(entry, VAttentionConfig) and entry.selector == "int4"
+    return isinstance(entry, VAttentionConfig) and entry.selector in _ks.FORMATS
 
 
 def _sync_summary(state: _LayerState, key: Tensor, seq_lens: Optional[Tensor]):
@@ -471,20 +486,33 @@ def _sync_summary(state: _LayerState, key: Tensor, seq_lens: Optional[Tensor]):
                                 or length < state.summary_rows):
         state.drop_summary()  # another cache: start again from its contents
         summary = None
+    fmt = state.entry.selector
+    if summary is not None and summary.format != fmt:
+        state.drop_summary()
+        summary = None
     if summary is None:
         # Spare rows for the tokens decode will append, so appending copies nothing.
         capacity = length + max(256, length // 4)
-        summary = _ks.empty_key_summary(batch, kv_heads, capacity, dim, device=key.device)
-        _ks.update_key_summary(summary, key, 0)
+        summary = _ks.empty_key_summary(batch, kv_heads, capacity, dim, device=key.device,
+                                        format=fmt)
+        if fmt == "int3_channel":
+            # Rows beyond a row's length (a fixed-size cache) stay out of its blocks.
+            fresh = _ks.build_key_summary(key, fmt, seq_lens)
+            summary.codes[:, :, :length] = fresh.codes
+            summary.params[:, :, :fresh.params.shape[2]] = fresh.params
+        else:
+            _ks.update_key_summary(summary, key, 0)
         state.summary, state.summary_rows = summary, length
     elif length > state.summary_rows:
         if length > summary.length:
             grown = _ks.empty_key_summary(batch, kv_heads, length + max(256, length // 4), dim,
-                                          device=key.device)
-            grown.codes[:, :, :state.summary_rows] = summary.codes[:, :, :state.summary_rows]
-            grown.params[:, :, :state.summary_rows] = summary.params[:, :, :state.summary_rows]
+                                          device=key.device, format=fmt)
+            rows, params = state.summary_rows, _param_rows(summary, state.summary_rows)
+            grown.codes[:, :, :rows] = summary.codes[:, :, :rows]
+            grown.params[:, :, :params] = summary.params[:, :, :params]
             summary = state.summary = grown
-        _ks.update_key_summary(summary, key[:, :, state.summary_rows:], state.summary_rows)
+        _ks.update_key_summary(summary, key[:, :, state.summary_rows:], state.summary_rows,
+                               k_cache=key)
         state.summary_rows = length
     else:
         # A fixed-size cache: this step wrote row seq_len - 1 of every batch row.
@@ -492,7 +520,7 @@ def _sync_summary(state: _LayerState, key: Tensor, seq_lens: Optional[Tensor]):
                 if seq_lens is None else seq_lens.to(torch.int64))
         last = (ends - 1).clamp_min(0)
         new = key.gather(2, last.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, dim))
-        _ks.update_key_summary(summary, new, last)
+        _ks.update_key_summary(summary, new, last, k_cache=key)
     return _rows(summary, 0, length)
 
 
