@@ -127,6 +127,26 @@ IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
   return p;
 }
 
+PilotDispersionParams pilot_dispersion_params(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& indices,
+                                              const at::Tensor& counts, double scale,
+                                              const at::Tensor& center) {
+  PilotDispersionParams p{};
+  p.qkv = qkv_params(q, k, v, scale);
+  p.list = index_list_params(p.qkv, q, indices, counts, c10::nullopt);
+  TORCH_CHECK(center.scalar_type() == at::kFloat, "vattention: center must be float32, got ",
+              center.scalar_type());
+  TORCH_CHECK(center.device() == q.device(), "vattention: center must be on q's device ",
+              q.device(), ", got ", center.device());
+  TORCH_CHECK(center.dim() == 3 && center.size(0) == p.qkv.batch &&
+                  center.size(1) == p.qkv.q_heads && center.size(2) == p.qkv.head_dim,
+              "vattention: center must be [batch, q_heads, head_dim] = [", p.qkv.batch, ", ",
+              p.qkv.q_heads, ", ", p.qkv.head_dim, "], got ", center.sizes());
+  TORCH_CHECK(center.is_contiguous(), "vattention: center must be contiguous");
+  p.center = center.data_ptr<float>();
+  return p;
+}
+
 void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                      const at::Tensor& ks, int64_t k_max) {
   TORCH_CHECK(scores.dim() == 2, "vattention: scores must be [rows, length], got ",

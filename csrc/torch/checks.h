@@ -29,6 +29,13 @@ IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
                                   const at::Tensor& indices, const at::Tensor& counts,
                                   const c10::optional<at::Tensor>& log_weights);
 
+// pilot_dispersion: q, k, v and the pilot list as for pilot_stats, center [B, Hq, D]
+// float32 contiguous on q's device. The caller sets dispersion.
+PilotDispersionParams pilot_dispersion_params(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& indices,
+                                              const at::Tensor& counts, double scale,
+                                              const at::Tensor& center);
+
 void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                      const at::Tensor& ks, int64_t k_max);
 

@@ -89,6 +89,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cpu_op(
   return {max_logit, moments, vector_moments};
 }
 
+at::Tensor pilot_dispersion_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& indices, const at::Tensor& counts,
+                                  double scale, const at::Tensor& center) {
+  PilotDispersionParams p = pilot_dispersion_params(q, k, v, indices, counts, scale, center);
+  check_index_list(p.list, p.qkv.batch * p.list.list_heads, p.qkv.length);
+  at::Tensor dispersion = at::empty({p.qkv.batch, p.qkv.q_heads, kDispersionOutputs},
+                                    q.options().dtype(at::kFloat));
+  p.dispersion = dispersion.data_ptr<float>();
+  at::parallel_for(0, p.qkv.batch * p.qkv.q_heads, kGrain,
+                   [&](int64_t begin, int64_t end) { pilot_dispersion_cpu(p, begin, end); });
+  return dispersion;
+}
+
 std::tuple<at::Tensor, at::Tensor> combine_into(const at::Tensor& partial_out,
                                                 const at::Tensor& partial_lse, int64_t items,
                                                 int64_t splits, int64_t dim, bool splits_first,
@@ -177,6 +190,7 @@ TORCH_LIBRARY_IMPL(vattention, CPU, m) {
   m.impl("select_topk", &select_topk_cpu_op);
   m.impl("sample_residual", &sample_residual_cpu_op);
   m.impl("pilot_stats", &pilot_stats_cpu_op);
+  m.impl("pilot_dispersion", &pilot_dispersion_cpu_op);
   m.impl("sparse_attention", &sparse_attention_cpu_op);
   m.impl("combine", &combine_cpu_op);
   m.impl("select_scores", &select_scores_cpu_op);

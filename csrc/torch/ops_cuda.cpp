@@ -102,6 +102,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
   return {max_logit, moments, vector_moments};
 }
 
+at::Tensor pilot_dispersion_cuda_op(const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& indices,
+                                   const at::Tensor& counts, double scale,
+                                   const at::Tensor& center) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  PilotDispersionParams p = pilot_dispersion_params(q, k, v, indices, counts, scale, center);
+  check_head_dim(p.qkv.head_dim);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dispersion = at::empty({p.qkv.batch, p.qkv.q_heads, kDispersionOutputs}, f32);
+  p.dispersion = dispersion.data_ptr<float>();
+  if (p.qkv.batch * p.qkv.q_heads == 0) return dispersion;
+  const size_t ws_bytes = pilot_dispersion_cuda_workspace_bytes(p);
+  at::Tensor workspace = at::empty({std::max<int64_t>(int64_t(ws_bytes / sizeof(float)), 1)}, f32);
+  C10_CUDA_CHECK(pilot_dispersion_cuda(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  return dispersion;
+}
+
 void launch_combine(const at::Tensor& partial_out, const at::Tensor& partial_lse, int64_t items,
                     int64_t splits, int64_t dim, bool splits_first, const at::Tensor& out,
                     const at::Tensor& lse) {
@@ -207,6 +225,7 @@ TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
   m.impl("select_topk", &select_topk_cuda_op);
   m.impl("sample_residual", &sample_residual_cuda_op);
   m.impl("pilot_stats", &pilot_stats_cuda_op);
+  m.impl("pilot_dispersion", &pilot_dispersion_cuda_op);
   m.impl("sparse_attention", &sparse_attention_cuda_op);
   m.impl("combine", &combine_cuda_op);
   m.impl("select_scores", &select_scores_cuda_op);

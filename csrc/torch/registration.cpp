@@ -43,6 +43,9 @@ TORCH_LIBRARY(vattention, m) {
       "pilot_stats(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
+      "pilot_dispersion(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, "
+      "float scale, Tensor center) -> Tensor");
+  m.def(
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? log_weights, "
       "Tensor counts, float scale, int num_splits) -> (Tensor, Tensor)");
   m.def("combine(Tensor partial_out, Tensor partial_lse) -> (Tensor, Tensor)");

@@ -28,6 +28,28 @@ constexpr int kPilotMoments = 3;
 // Processes query heads [head_begin, head_end) of the flattened batch * q_heads.
 void pilot_stats_cpu(const PilotParams& p, int64_t head_begin, int64_t head_end);
 
+// Op pilot_dispersion: the spread of the ratio rule's terms over the pilot, for the
+// effective dimension (Tr Sigma)^2 / Tr(Sigma^2) of the budget's chi-square tail.
+// For query head (b, h), with w_i as above (max over the list's valid entries),
+// x_i = w_i (V_i - center[b, h]) and c_i = x_i - mean(x) over the list's p valid
+// entries, it writes
+//   dispersion[b, h, :] = (sum_i ||c_i||^2, sum_ij (c_i . c_j)^2, sum_i ||c_i||^4)
+// that is p-1 times Tr S and (p-1)^2 times Tr(S^2) of the terms' sample covariance S,
+// and the Gram's diagonal part of the second (which U-statistics leave out: for
+// heavy-tailed terms it dominates), computed in draw space (a p x p Gram), never as a
+// D x D matrix. fp32 outputs. No valid entry gives zeros; a NaN logit, a NaN in a
+// listed V row or in the center makes all three outputs NaN.
+struct PilotDispersionParams {
+  QKVParams qkv;
+  IndexListParams list;
+  const float* center;  // [batch, q_heads, head_dim], contiguous
+  float* dispersion;    // [batch, q_heads, 2]
+};
+
+constexpr int kDispersionOutputs = 3;
+
+void pilot_dispersion_cpu(const PilotDispersionParams& p, int64_t head_begin, int64_t head_end);
+
 }  // namespace vattention
 
 #if defined(VATTENTION_WITH_CUDA)
@@ -41,5 +63,10 @@ cudaError_t pilot_stats_cuda(const PilotParams& p, cudaStream_t stream);
 size_t pilot_stats_cuda_workspace_bytes(const PilotParams& p, int64_t num_splits);
 cudaError_t pilot_stats_cuda(const PilotParams& p, int64_t num_splits, void* workspace,
                              cudaStream_t stream);
+// One block per query head. `workspace` holds the heads' weights:
+// pilot_dispersion_cuda_workspace_bytes(p) bytes.
+size_t pilot_dispersion_cuda_workspace_bytes(const PilotDispersionParams& p);
+cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspace,
+                                  cudaStream_t stream);
 }  // namespace vattention
 #endif

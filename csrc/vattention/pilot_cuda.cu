@@ -94,7 +94,189 @@ pilot_merge_kernel(const PilotParams p, const int64_t num_splits, const float* w
   }
 }
 
+// pilot_dispersion: one block per query head, in three passes over its list (the
+// list is a pilot: a few hundred rows at most, read from L2 after the first pass).
+//  1. a warp per entry: logits into the head's workspace, then the block's max m;
+//  2. the workspace becomes w = exp(s - m); a thread per dimension: mean(x), with
+//     x_i = w_i (V_i - center);
+//  3. the p x p Gram of c_i = x_i - mean(x), a tile of kDispersionTile rows in shared
+//     memory at a time against every row (a warp per row, a lane per D / 32 dims), so
+//     nothing D x D exists: sum_i c_i . c_i, sum_ij (c_i . c_j)^2, sum_i (c_i . c_i)^2.
+// Invalid entries (index < 0 or >= length) are skipped in every pass: as zero rows
+// of the tile they add nothing.
+constexpr int kDispersionThreads = 128;
+constexpr int kDispersionWarps = kDispersionThreads / 32;
+constexpr int kDispersionTile = 16;
+
+template <int D>
+struct DispersionSmem {
+  float q[D];
+  float center[D];
+  float mean[D];
+  float tile[kDispersionTile][D];
+  float reduce[kDispersionWarps][3];
+};
+
+__device__ __forceinline__ bool entry_valid(int32_t index, int64_t length) {
+  return index >= 0 && index < length;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* kv_row(const void* base, int64_t batch_stride,
+                                           int64_t head_stride, int64_t row_stride, int64_t b,
+                                           int64_t kv_head, int64_t row) {
+  return static_cast<const T*>(base) + b * batch_stride + kv_head * head_stride +
+         row * row_stride;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kDispersionThreads)
+pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
+  constexpr int kPerLane = D / 32;
+  DispersionSmem<D>& sm = *reinterpret_cast<DispersionSmem<D>*>(dynamic_smem());
+  const QKVParams& a = p.qkv;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t heads = a.batch * a.q_heads, group = a.group_size();
+  for (int64_t t = blockIdx.x; t < heads; t += gridDim.x) {
+    const int64_t b = t / a.q_heads, h = t % a.q_heads, kv = h / group;
+    const int64_t list = p.list.list_of(b, h, a.q_heads, group);
+    const int32_t* indices = p.list.indices + list * p.list.max_count;
+    const int64_t count = min(int64_t(p.list.counts[list]), p.list.max_count);
+    float* w = weights + t * p.list.max_count;
+    const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride;
+    for (int d = tid; d < D; d += kDispersionThreads) {
+      sm.q[d] = load_float(q + d);
+      sm.center[d] = p.center[t * D + d];
+    }
+    __syncthreads();
+
+    // Pass 1. fmaxf drops a NaN, so NaN logits are tracked apart and make m NaN.
+    float max_logit = kNegInf;
+    bool nan_logit = false;
+    for (int64_t j = warp; j < count; j += kDispersionWarps) {
+      const int32_t index = indices[j];
+      if (!entry_valid(index, a.length)) continue;
+      const T* k = kv_row<T>(a.k, a.k_batch_stride, a.k_head_stride, a.k_row_stride, b, kv,
+                             index);
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) dot += sm.q[lane + 32 * e] * load_float(k + lane + 32 * e);
+      const float s = warp_sum(dot) * a.scale;
+      if (lane == 0) w[j] = s;
+      max_logit = fmaxf(max_logit, s);
+      nan_logit |= s != s;
+    }
+    if (lane == 0) {
+      sm.reduce[warp][0] = max_logit;
+      sm.reduce[warp][1] = nan_logit ? 1.f : 0.f;
+    }
+    __syncthreads();
+    float m = kNegInf;
+    bool any_nan = false;
+    for (int i = 0; i < kDispersionWarps; ++i) {
+      m = fmaxf(m, sm.reduce[i][0]);
+      any_nan |= sm.reduce[i][1] != 0.f;
+    }
+    if (any_nan) m = __uint_as_float(0x7fc00000u);
+    for (int64_t j = tid; j < count; j += kDispersionThreads) {
+      if (entry_valid(indices[j], a.length)) w[j] = expf(w[j] - m);
+    }
+    __syncthreads();
+
+    // Pass 2.
+    int64_t n = 0;
+    for (int64_t j = 0; j < count; ++j) n += entry_valid(indices[j], a.length);
+    for (int d = tid; d < D; d += kDispersionThreads) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < count; ++j) {
+        const int32_t index = indices[j];
+        if (!entry_valid(index, a.length)) continue;
+        const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
+                               index);
+        sum += w[j] * (load_float(v + d) - sm.center[d]);
+      }
+      sm.mean[d] = n > 0 ? sum / float(n) : 0.f;
+    }
+    __syncthreads();
+
+    // Pass 3.
+    float trace = 0.f, frobenius = 0.f, fourth = 0.f;
+    for (int64_t i0 = 0; i0 < count; i0 += kDispersionTile) {
+      for (int o = tid; o < kDispersionTile * D; o += kDispersionThreads) {
+        const int r = o / D, d = o - r * D;
+        const int64_t i = i0 + r;
+        float c = 0.f;
+        if (i < count && entry_valid(indices[i], a.length)) {
+          const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
+                                 indices[i]);
+          c = w[i] * (load_float(v + d) - sm.center[d]) - sm.mean[d];
+        }
+        sm.tile[r][d] = c;
+      }
+      __syncthreads();
+      const int rows = int(min(int64_t(kDispersionTile), count - i0));
+      for (int64_t j = warp; j < count; j += kDispersionWarps) {
+        const int32_t index = indices[j];
+        if (!entry_valid(index, a.length)) continue;
+        const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
+                               index);
+        float c[kPerLane];
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) {
+          const int d = lane + 32 * e;
+          c[e] = w[j] * (load_float(v + d) - sm.center[d]) - sm.mean[d];
+        }
+        for (int r = 0; r < rows; ++r) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < kPerLane; ++e) dot += sm.tile[r][lane + 32 * e] * c[e];
+          dot = warp_sum(dot);
+          frobenius += dot * dot;
+          if (i0 + r == j) {
+            trace += dot;
+            fourth += dot * dot;
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (lane == 0) {
+      sm.reduce[warp][0] = trace;
+      sm.reduce[warp][1] = frobenius;
+      sm.reduce[warp][2] = fourth;
+    }
+    __syncthreads();
+    if (tid < kDispersionOutputs) {
+      float total = 0.f;
+      for (int i = 0; i < kDispersionWarps; ++i) total += sm.reduce[i][tid];
+      p.dispersion[t * kDispersionOutputs + tid] = total;
+    }
+    __syncthreads();
+  }
+}
+
 }  // namespace
+
+size_t pilot_dispersion_cuda_workspace_bytes(const PilotDispersionParams& p) {
+  return size_t(p.qkv.batch * p.qkv.q_heads * p.list.max_count) * sizeof(float);
+}
+
+cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspace,
+                                  cudaStream_t stream) {
+  const int64_t heads = p.qkv.batch * p.qkv.q_heads;
+  if (heads <= 0) return cudaSuccess;
+  if (p.list.max_count > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t blocks = std::min<int64_t>(heads, 65535);
+  return dispatch_dtype(p.qkv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_head_dim(p.qkv.head_dim, cudaErrorInvalidValue, [&](auto dim_tag) {
+      constexpr int D = decltype(dim_tag)::value;
+      return launch_kernel(pilot_dispersion_kernel<T, D>, dim3(unsigned(blocks)),
+                           dim3(kDispersionThreads), sizeof(DispersionSmem<D>), stream, 1, p,
+                           static_cast<float*>(workspace));
+    });
+  });
+}
 
 size_t pilot_stats_cuda_workspace_bytes(const PilotParams& p, int64_t num_splits) {
   if (num_splits <= 1) return 0;

@@ -16,11 +16,20 @@ The ratio rule divides by ||O||; where ||O|| is small, pilot noise inflates ||O^
 and the budget comes out too small. Its guard replaces ||O^|| by a lower
 confidence bound ||O^|| - z se(O^) from the pilot's own variance; when that bound
 is not positive the budget is infinite, i.e. the residual is attended exactly.
+
+Tail (the ratio rule's tail="chi2"): the ratio rule's error is a D-vector, and z^2 is
+exact only for a one-dimensional one. By Satterthwaite ||e||^2 ~ g chi^2_h with the
+effective dimension h = (Tr Sigma)^2 / Tr(Sigma^2), so z^2 becomes
+q_h = chi^2_{h, 1-delta} / h (q_1 = z^2, and q_h decreases in h). h comes from the
+pilot's centred terms (op pilot_dispersion, a p x p Gram in draw space) and q_h from an
+exact table over integer h, read at floor(h): conservative.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,6 +46,120 @@ def z_two_sided(delta: float) -> float:
 @torch.compiler.assume_constant_result
 def z_one_sided(delta: float) -> float:
     return NormalDist().inv_cdf(1.0 - delta)
+
+
+# The chi-square table's last effective dimension: h is at most min(p - 1, D), and
+# D <= 256 for the CUDA kernels; a larger h reads this entry (conservative).
+CHI2_TABLE_DIMS = 256
+
+
+@torch.compiler.assume_constant_result
+def chi2_quantile_table(delta: float) -> Tuple[float, ...]:
+    """(q_1, ..., q_H): q_h = max over h' >= h of chi^2_{h', 1-delta} / h', h = 1..CHI2_TABLE_DIMS.
+
+    Bisection on the chi-square CDF P(h/2, x/2) (torch.special.gammainc, float64) down to
+    a bracket of relative width 2^-45; the upper end is returned, so a rounding error
+    makes the budget larger, never smaller. chi^2_{h,1-delta} / h decreases in h for
+    delta below about 0.16 but not above (delta = 0.3: 1.07 at h = 1, 1.20 at h = 2):
+    the suffix max keeps the table non-increasing, so reading it at floor(h) stays
+    conservative for every delta."""
+    return _chi2_quantile_table(float(delta))
+
+
+def _chi2_quantile_table(delta: float) -> Tuple[float, ...]:
+    cached = _HOST_TABLES.get(delta)
+    if cached is None:
+        f64 = torch.float64
+        h = torch.arange(1, CHI2_TABLE_DIMS + 1, dtype=f64)
+        target = torch.full_like(h, 1.0 - delta)
+        lo = torch.zeros_like(h)
+        # chi^2_h's 1-delta quantile is below h + sqrt(2h) z' + 2 z'^2 for any delta >= 1e-12;
+        # a generous bracket, checked below.
+        hi = h + 20.0 * torch.sqrt(2.0 * h) * (1.0 + math.log(1.0 / delta)) + 200.0
+        if not bool((torch.special.gammainc(h / 2, hi / 2) >= target).all()):
+            raise ValueError(f"chi-square table: delta {delta} too small for the bracket")
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            below = torch.special.gammainc(h / 2, mid / 2) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+            if bool(((hi - lo) <= hi * 2.0 ** -45).all()):
+                break
+        factor = (hi / h).flip(0).cummax(0).values.flip(0)
+        cached = tuple(factor.tolist())
+        _HOST_TABLES[delta] = cached
+    return cached
+
+
+_HOST_TABLES: Dict[float, Tuple[float, ...]] = {}
+_DEVICE_TABLES: Dict[Tuple[float, str], Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _chi2_table(delta: float, device: torch.device) -> Tensor:
+    """The table as a float64 tensor on `device`, with no host sync after its first use.
+
+    Eager: built once per (delta, device) and kept for the process, so a CUDA graph that
+    captured it can replay it. If that first use is under capture, each entry is a fill
+    kernel (a copy from pageable host memory cannot be captured). Under torch.compile the
+    table is a constant of the graph."""
+    values = chi2_quantile_table(delta)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    key = (float(delta), str(device))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        if _capturing(device):
+            table = torch.empty(len(values), dtype=torch.float64, device=device)
+            for i, value in enumerate(values):
+                table[i].fill_(value)
+        else:
+            table = torch.tensor(values, dtype=torch.float64).to(device)
+        _DEVICE_TABLES[key] = table
+    return table
+
+
+# The U-statistic h^ is about unbiased but spread (on SmolLM2 / Gemma heads, p = 128, it
+# exceeds the true h in ~60% of draws, twice the true h in 2-5%). Halving it still let one
+# Gemma-3 head (4K, int4, (0.05, 0.05)) violate 10/24 times, so a quarter: q_h is flat
+# enough in h (q_5 / q_20 = 1.30 at delta = 0.1) that this keeps most of the saving.
+TAIL_DIM_SHRINK = 0.25
+
+
+def effective_dimension(dispersion: Tensor) -> Tensor:
+    """h^ from pilot_dispersion's (A, B, C) = (sum |c_i|^2, sum_ij (c_i . c_j)^2, sum |c_i|^4):
+    TAIL_DIM_SHRINK times the U-statistic ratio (A^2 - C) / (B - C), i.e. over pairs i != j.
+
+    The plug-in A^2 / B keeps the i = j terms, which dominate both sums for heavy-tailed
+    terms (a few draws carrying most of the weight): it then measures the draws, not Sigma
+    (SmolLM2: plug-in median 4 where the residual's own h is 17). Float64, >= 1; 1 (the
+    normal tail) where no two terms vary (B = C: a budget of 0 or a single draw); NaN
+    where an input is NaN."""
+    dispersion = dispersion.to(torch.float64)
+    trace, frobenius, fourth = dispersion[..., 0], dispersion[..., 1], dispersion[..., 2]
+    pairs = frobenius - fourth
+    numerator = trace ** 2 - fourth
+    defined = pairs > 0
+    safe = torch.where(defined, pairs, torch.ones_like(pairs))
+    h = torch.where(defined, TAIL_DIM_SHRINK * numerator / safe, torch.ones_like(trace))
+    h = h.clamp(min=1.0)
+    nan = torch.isnan(trace) | torch.isnan(frobenius) | torch.isnan(fourth)
+    return torch.where(nan, torch.full_like(h, math.nan), h)
+
+
+def chi2_factor(effective_dim: Tensor, delta: float) -> Tensor:
+    """q_h = chi^2_{h, 1-delta} / h at floor(h) (clamped to [1, CHI2_TABLE_DIMS]), NaN for NaN."""
+    table = _chi2_table(delta, effective_dim.device)
+    h = torch.nan_to_num(effective_dim.to(torch.float64), nan=1.0, posinf=float(CHI2_TABLE_DIMS))
+    index = h.floor().clamp(1, CHI2_TABLE_DIMS).to(torch.int64) - 1
+    factor = table[index]
+    return torch.where(torch.isnan(effective_dim), torch.full_like(factor, math.nan), factor)
 
 
 @dataclass
@@ -84,9 +207,11 @@ def estimate(det_out: Tensor, det_lse: Tensor, pilot_max: Tensor, moments: Tenso
                             trace_ratio.clamp(min=0.0))
 
 
-def _clt_samples(z: float, n_residual: Tensor, trace: Tensor, tau: Tensor) -> Tensor:
-    """(z n_r sqrt(Tr Sigma) / tau)^2, infinite where tau is not positive, NaN where either is."""
-    numerator = (z * n_residual) ** 2 * trace
+def _clt_samples(z: float, n_residual: Tensor, trace: Tensor, tau: Tensor,
+                 z2: Optional[Tensor] = None) -> Tensor:
+    """(z n_r sqrt(Tr Sigma) / tau)^2 (z^2 replaced by z2 where given), infinite where tau
+    is not positive, NaN where either is."""
+    numerator = (z * n_residual) ** 2 * trace if z2 is None else z2 * n_residual ** 2 * trace
     safe_tau = torch.where(tau > 0, tau, torch.ones_like(tau))
     samples = torch.where(tau > 0, numerator / safe_tau ** 2,
                           torch.where(numerator > 0, torch.full_like(tau, float("inf")),
@@ -104,8 +229,14 @@ def finite_population_correction(samples: Tensor, n_residual: Tensor) -> Tensor:
 
 
 def required_samples(rule: str, est: ResidualEstimate, n_residual: Tensor, pilot_count: Tensor,
-                     epsilon: float, delta: float, fpc: bool = False) -> Tensor:
-    """Budget b (float64, may be inf) per head for `rule` at (epsilon, delta)."""
+                     epsilon: float, delta: float, fpc: bool = False,
+                     effective_dim: Optional[Tensor] = None) -> Tensor:
+    """Budget b (float64, may be inf) per head for `rule` at (epsilon, delta).
+
+    effective_dim (ratio rule only): the chi-square tail's h^ per head
+    (effective_dimension); None is the normal tail, z^2."""
+    if effective_dim is not None and rule != "ratio":
+        raise ValueError(f"the chi-square tail applies to the ratio rule only, not {rule!r}")
     n_r = n_residual.to(torch.float64)
     if rule == "denominator":
         z = z_one_sided(delta)
@@ -122,7 +253,9 @@ def required_samples(rule: str, est: ResidualEstimate, n_residual: Tensor, pilot
         standard_error = z * n_r * torch.sqrt(est.trace_ratio / p) / est.z_hat.clamp(
             min=torch.finfo(torch.float64).tiny)
         o_lower = est.o_hat.norm(dim=-1) - standard_error
-        samples = _clt_samples(z, n_r, est.trace_ratio, epsilon * est.z_hat * o_lower)
+        # The guard keeps the normal z: ||O^|| is a scalar.
+        z2 = None if effective_dim is None else chi2_factor(effective_dim, delta)
+        samples = _clt_samples(z, n_r, est.trace_ratio, epsilon * est.z_hat * o_lower, z2)
     else:
         raise ValueError(f"unknown budget rule {rule!r}")
     if fpc:

@@ -43,6 +43,13 @@ def pilot_stats(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor
     return torch.ops.vattention.pilot_stats(q, k, v, indices, counts, scale)
 
 
+def pilot_dispersion(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
+                     scale: float, center: Tensor) -> Tensor:
+    """[B, Hq, 3] fp32: (sum_i |c_i|^2, sum_ij (c_i . c_j)^2, sum_i |c_i|^4) of the centred terms
+    c_i = x_i - mean(x), x_i = w_i (V_i - center), over a pilot list (pilot.h)."""
+    return torch.ops.vattention.pilot_dispersion(q, k, v, indices, counts, scale, center)
+
+
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
                      log_weights: Optional[Tensor], counts: Tensor, scale: float,
                      num_splits: int = 0) -> Tuple[Tensor, Tensor]:
@@ -93,6 +100,17 @@ def _pilot_stats_fake(q, k, v, indices, counts, scale):
     return (q.new_empty((b, h), dtype=torch.float32),
             q.new_empty((b, h, 3), dtype=torch.float32),
             q.new_empty((b, h, 2, d), dtype=torch.float32))
+
+
+@torch.library.register_fake("vattention::pilot_dispersion")
+def _pilot_dispersion_fake(q, k, v, indices, counts, scale, center):
+    check_qkv(q, k, v)
+    _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
+    b, h, d = q.shape
+    torch._check(center.shape == (b, h, d) and center.dtype == torch.float32,
+                 lambda: f"vattention: center must be float32 [{b}, {h}, {d}], got "
+                 f"{center.dtype} {tuple(center.shape)}")
+    return q.new_empty((b, h, 3), dtype=torch.float32)
 
 
 @torch.library.register_fake("vattention::sparse_attention")

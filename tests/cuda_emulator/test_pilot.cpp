@@ -88,6 +88,76 @@ void test_pilot_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, in
          (long long)bad, (long long)wrong);
 }
 
+// Centers near the data's scale, so that the terms' spread is not only their mean.
+std::vector<float> make_center(int64_t heads, int64_t dim, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  std::vector<float> center(size_t(heads * dim));
+  for (float& c : center) c = normal(rng);
+  return center;
+}
+
+void run_dispersion(PilotDispersionParams p, std::vector<float>* cpu, std::vector<float>* gpu) {
+  const int64_t heads = p.qkv.batch * p.qkv.q_heads;
+  cpu->assign(size_t(heads * kDispersionOutputs), 0.f);
+  gpu->assign(size_t(heads * kDispersionOutputs), 777.f);
+  p.dispersion = cpu->data();
+  pilot_dispersion_cpu(p, 0, heads);
+  p.dispersion = gpu->data();
+  std::vector<unsigned char> ws(pilot_dispersion_cuda_workspace_bytes(p));
+  check_cuda(pilot_dispersion_cuda(p, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_dispersion_cuda");
+}
+
+void test_dispersion_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                          int64_t row_pad, int64_t base_offset, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t batch = 2, kv_heads = 2, q_heads = kv_heads * group, length = 53;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, row_pad, base_offset, rng);
+  Lists l = make_lists(batch, per_q ? q_heads : kv_heads, max_count, length, rng);
+  std::vector<float> center = make_center(batch * q_heads, dim, rng);
+  PilotDispersionParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  p.list.log_weights = nullptr;
+  p.center = center.data();
+  std::vector<float> cpu, gpu;
+  run_dispersion(p, &cpu, &gpu);
+  int64_t bad = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) bad += !close(gpu[i], cpu[i], 1e-3f, 1e-3f);
+  EXPECT(bad == 0, "pilot_dispersion %s D=%lld group=%lld per_q=%d max_count=%lld pad=%lld "
+         "offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim, (long long)group,
+         int(per_q), (long long)max_count, (long long)row_pad, (long long)base_offset,
+         (long long)bad);
+}
+
+void test_dispersion_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, NanAt at,
+                              uint32_t seed) {
+  NanCase c = make_nan_case(dtype, dim, group, per_q, 37, at, seed);
+  std::mt19937 rng(seed + 1);
+  std::vector<float> center = make_center(c.batch * c.q_heads, dim, rng);
+  PilotDispersionParams p{};
+  p.qkv = c.t.params;
+  p.list = c.l.params;
+  p.list.log_weights = nullptr;
+  p.center = center.data();
+  std::vector<float> cpu, gpu;
+  run_dispersion(p, &cpu, &gpu);
+  int64_t bad = 0, wrong = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) bad += !same(gpu[i], cpu[i], 1e-3f, 1e-3f);
+  for (int pass = 0; pass < 2; ++pass) {
+    const std::vector<float>& out = pass ? gpu : cpu;
+    for (int64_t h = 0; h < c.batch * c.q_heads; ++h) {
+      for (int x = 0; x < kDispersionOutputs; ++x) {
+        wrong += std::isnan(out[size_t(h * kDispersionOutputs + x)]) != bool(c.reads[h]);
+      }
+    }
+  }
+  EXPECT(bad == 0 && wrong == 0, "pilot_dispersion NaN in %s %s D=%lld group=%lld per_q=%d: "
+         "%lld cpu/cuda mismatches, %lld outputs against the NaN rule", nan_at_name(at),
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)bad,
+         (long long)wrong);
+}
+
 }  // namespace
 
 void test_pilot() {
@@ -133,6 +203,27 @@ void test_pilot() {
   test_pilot_nan_case(DType::kBFloat16, 128, 8, false, 2, NanAt::kValueRow, seed);
   seed += 2;
   test_pilot_nan_case(DType::kFloat32, 256, 1, true, 1, NanAt::kKeyRow, seed);
+
+  // pilot_dispersion (one block per head): every dtype and head dim, both list kinds,
+  // lists longer than one tile, padded rows, and the NaN rule.
+  seed = 12001;
+  for (DType d : dtypes) {
+    for (int64_t dim : {64, 128, 256}) {
+      for (bool per_q : {false, true}) {
+        if (g_quick && dim == 256 && per_q) continue;
+        test_dispersion_case(d, dim, 4, per_q, 40, 0, 0, seed++);
+      }
+    }
+  }
+  test_dispersion_case(DType::kFloat32, 64, 7, false, 150, 1, 1, seed++);
+  test_dispersion_case(DType::kBFloat16, 128, 1, true, 3, 0, 0, seed++);
+  test_dispersion_case(DType::kFloat16, 64, 4, false, 0, 0, 0, seed++);  // max_count 0
+  for (DType d : dtypes) {
+    for (NanAt at : places) {
+      test_dispersion_nan_case(d, 64, 4, false, at, seed++);
+      if (!g_quick) test_dispersion_nan_case(d, 128, 1, true, at, seed++);
+    }
+  }
 }
 
 }  // namespace vattention::emu_check

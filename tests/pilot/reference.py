@@ -42,3 +42,29 @@ def pilot_stats_ref(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Te
             vector_moments[b, h, 0] = (w[:, None] * vv).sum(0)
             vector_moments[b, h, 1] = ((w ** 2)[:, None] * vv).sum(0)
     return max_logit, moments, vector_moments
+
+
+def pilot_dispersion_ref(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
+                         scale: float, center: Tensor) -> Tensor:
+    """[B, Hq, 3] float64: (Tr C^T C, ||C^T C||_F^2, sum_i |c_i|^4) with C the rows c_i = x_i - mean(x),
+    x_i = w_i (v_i - center), w = exp(s - max), over each head's listed rows: the D x D
+    form of what pilot.h computes in draw space. Zeros for an empty list."""
+    batch, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    list_heads = indices.shape[1]
+    out = torch.zeros((batch, q_heads, 3), dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            pos, _ = list_entries(indices, counts, None, b, list_of(h, q_heads, list_heads))
+            if not pos:
+                continue
+            s = logits(q, k, b, h, pos, scale)
+            w = torch.exp(s - s.max())
+            vv = v[b, h // (q_heads // kv_heads), pos].to(torch.float64)
+            x = w[:, None] * (vv - center[b, h].to(torch.float64))
+            c = x - x.mean(0)
+            cov = c.T @ c
+            out[b, h, 0] = cov.trace()
+            out[b, h, 1] = (cov ** 2).sum()
+            out[b, h, 2] = ((c ** 2).sum(1) ** 2).sum()
+    return out
