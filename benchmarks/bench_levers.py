@@ -8,6 +8,15 @@ sink = local = 16 on the synthetic families, 128 on SmolLM2, GQA-shared lists):
   a  base_rate=0.05                    the pilot as 5% of the residual, not reused
   b  base_rate=128                     the pilot as a count
   c  base_rate=128, reuse_pilot=True   ... and its draws counted in the final estimate
+                                       (today's defaults)
+  h02, h01, h256, h512, h1024          c with heavy = 2% / 1% of n, or 256 / 512 / 1024 tokens
+  h10, h2048, h4096                    ... 10% of n, 2048 / 4096 tokens
+  p                                    c with per-head lists (share_gqa=False)
+  u, u02, u01                          c with gqa_heavy="union" (heavy 5% / 2% / 1% per head)
+  t                                    c with tail="chi2" (effective-dimension tail)
+  a10                                  c with an adaptive heavy size per list:
+                                       heavy_candidates = 1.25 / 2.5 / 5 / 10% of n
+  a10t                                 a10 with tail="chi2"
 per selector (oracle, int4) and (epsilon, delta). For each: the violation rate (mean over
 heads and seeds, and the worst head's), mean relative_bytes and density, and whether the
 coverage tests' criteria hold (total violations and per-head violations within the binomial
@@ -28,6 +37,25 @@ LEVERS = {
     "a": {"base_rate": 0.05, "reuse_pilot": False},
     "b": {"base_rate": 128, "reuse_pilot": False},
     "c": {"base_rate": 128, "reuse_pilot": True},
+    # Heavy set sizing (with c's pilot): a smaller fraction, or a token count.
+    "h02": {"heavy": 0.02},
+    "h01": {"heavy": 0.01},
+    "h256": {"heavy": 256},
+    "h512": {"heavy": 512},
+    "h1024": {"heavy": 1024},
+    "h10": {"heavy": 0.1},
+    "h2048": {"heavy": 2048},
+    "h4096": {"heavy": 4096},
+    # GQA-shared lists: the union of each head's own top-`heavy` (gqa_heavy="union").
+    "p": {"share_gqa": False},
+    "u": {"gqa_heavy": "union"},
+    "u02": {"gqa_heavy": "union", "heavy": 0.02},
+    "u01": {"gqa_heavy": "union", "heavy": 0.01},
+    # The ratio rule's tail: chi-square with the pilot's effective dimension.
+    "t": {"tail": "chi2"},
+    # Adaptive heavy size: per list the cheapest of nested top-m candidates (heavy_size.py).
+    "a10": {"heavy_candidates": (0.0125, 0.025, 0.05, 0.1)},
+    "a10t": {"heavy_candidates": (0.0125, 0.025, 0.05, 0.1), "tail": "chi2"},
 }
 FALSE_ALARM = 1e-3
 
@@ -38,6 +66,20 @@ def synthetic_cases(lengths, heads):
             q, k, v = synthetic_heads(family, heads, length, 64,
                                       torch.Generator().manual_seed(length))
             yield f"{family}/n={length}", q, k, v, None
+
+
+def gqa_cases(lengths, kind):
+    """issue 9's GQA case: 2 KV heads with 4 query heads each. "dissimilar": independent
+    q = 3 randn(64) per head; "similar": one such direction per group plus 0.3 randn(64).
+    k, v = randn (v + 0.3). Decoded with sink = local = 16, like the synthetic families."""
+    for length in lengths:
+        g = torch.Generator().manual_seed(length)
+        base = 3 * torch.randn(1, 2, 1, 64, generator=g)
+        own = 3 * torch.randn(1, 2, 4, 64, generator=g)
+        q = (own if kind == "dissimilar" else base + 0.1 * own).reshape(1, 8, 64)
+        k = torch.randn(1, 2, length, 64, generator=g)
+        v = torch.randn(1, 2, length, 64, generator=g) + 0.3
+        yield f"gqa_{kind}/n={length}", q, k, v, None
 
 
 def capture_cases(paths):
@@ -103,6 +145,10 @@ def main(argv=None):
     parser.add_argument("--model-positions", default="-1,-2049")
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--gqa", action="store_true",
+                        help="also the GQA sources: 4 dissimilar / similar query heads per KV "
+                             "head (gqa_cases), at --gqa-lengths")
+    parser.add_argument("--gqa-lengths", default="4096,20000")
     parser.add_argument("--captures", default="",
                         help="comma-separated capture files (torch.save'd records), each a "
                              "source of its own, decoded with sink = local = 128")
@@ -115,6 +161,10 @@ def main(argv=None):
     sources = {}
     if not args.no_synthetic:
         sources["synthetic"] = (list(synthetic_cases(lengths, args.heads)), args.trials, 16)
+    if args.gqa:
+        gqa_lengths = [int(x) for x in args.gqa_lengths.split(",")]
+        for kind in ("dissimilar", "similar"):
+            sources[f"gqa_{kind}"] = (list(gqa_cases(gqa_lengths, kind)), args.trials, 16)
     for path in filter(None, args.captures.split(",")):
         sources[Path(path).stem] = (list(capture_cases([path])), args.capture_trials, 128)
     if not args.no_model:
@@ -144,7 +194,8 @@ def main(argv=None):
                     row = {"source": source, "lever": lever, **LEVERS[lever],
                            "selector": selector, "epsilon": epsilon, "delta": delta,
                            "trials_per_head": trials,
-                           **summarise(results, delta, per_case=source == "synthetic")}
+                           **summarise(results, delta,
+                                        per_case=source == "synthetic" or source.startswith("gqa"))}
                     report.append(row)
                     print(f"{source:9s} {lever:5s} {selector:8s} {epsilon:5.2f} {delta:5.2f} "
                           f"{row['violation_rate']:7.4f} {row['worst_head_rate']:6.3f} "

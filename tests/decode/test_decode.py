@@ -448,7 +448,7 @@ def test_decode_rejects_bad_seed(seed, match):
 
 def test_decode_seed_tensor_with_offset_out_of_range_is_caught_by_the_sampler():
     q, k, v = qkv(length=400)
-    cfg = VAttentionConfig(sink=2, local=2, heavy=2, base_rate=0.01)
+    cfg = VAttentionConfig(sink=2, local=2, heavy=2, base_rate=0.01, selector="oracle")
     with pytest.raises(RuntimeError, match="rng offset"):
         vattention.decode(q, k, v, cfg, seed=torch.tensor([1, 2 ** 30]))
 
@@ -456,4 +456,5 @@ def test_decode_seed_tensor_with_offset_out_of_range_is_caught_by_the_sampler():
 def test_decode_accepts_good_seeds():
     q, k, v = qkv()
     for seed in (None, 0, 2 ** 63 - 1, (3, 2 ** 30 - 1), torch.tensor([4, 5])):
-        assert vattention.decode(q, k, v, seed=seed).shape == q.shape
+        assert vattention.decode(q, k, v, VAttentionConfig(selector="oracle"),
+                                 seed=seed).shape == q.shape
