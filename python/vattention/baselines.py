@@ -150,15 +150,29 @@ def _attend(lay: dict, v: Tensor, log_weights: Tensor, dtype: torch.dtype) -> Te
 
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, count: Count, *, sink: Size = 128,
                    local: Size = 128, seq_lens=None, scale: Optional[float] = None,
-                   share_gqa: bool = True, return_selection: bool = False):
+                   share_gqa: bool = True, return_selection: bool = False,
+                   rank_k: Optional[Tensor] = None):
     """Exact attention over sink + local + the top tokens of the rest, ``count`` rows in all.
 
     Heavy tokens are ranked by the exact logits (with ``share_gqa``, by the max over the
-    group's heads of their log-probabilities, as vAttention's oracle selector does).
+    group's heads of their log-probabilities, as vAttention's oracle selector does), or by
+    the logits of ``rank_k`` (same shape as ``k``) when given: e.g. the keys the int4
+    selector scores (``key_summary.dequantize_torch``), for a top-k that reads a summary
+    instead of all of K. Attention itself always uses the exact ``k``.
     Returns out [B, Hq, D] in q's dtype (and a ``Selection`` with ``return_selection``).
     """
     lay = _layout(q, k, v, seq_lens, sink, local, count, share_gqa, scale)
     logits = lay["logits"]
+    if rank_k is not None:
+        if rank_k.shape != k.shape:
+            raise ValueError(f"rank_k must have k's shape {tuple(k.shape)}, got "
+                             f"{tuple(rank_k.shape)}")
+        batch, q_heads, dim = q.shape
+        kv_heads = k.shape[1]
+        rank_scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+        logits = torch.matmul(q.float().reshape(batch, kv_heads, q_heads // kv_heads, dim),
+                              rank_k.float().transpose(-1, -2)) * rank_scale
+        logits = torch.where(torch.isneginf(lay["logits"]), lay["logits"], logits)
     if share_gqa:
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         scores = (logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))).amax(2)

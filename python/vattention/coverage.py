@@ -16,7 +16,8 @@ import torch
 
 from .config import VAttentionConfig
 from .decode import decode
-from .key_summary import KeySummary, build_key_summary
+from .key_summary import FORMATS as SUMMARY_FORMATS
+from .key_summary import KeySummary, build_key_summary, summary_bytes_per_token
 from .reference import dense
 
 Tensor = torch.Tensor
@@ -94,13 +95,14 @@ def measure(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, trials: int,
     error_sum = torch.zeros(q.shape[1], dtype=torch.float64)
     bytes_sum = torch.zeros(q.shape[1], dtype=torch.float64)
     # The trials share one K: summarise it once, as a cache would, not once per trial.
-    summary = build_key_summary(k) if cfg.selector == "int4" else None
+    summary = build_key_summary(k, cfg.selector) if cfg.selector in SUMMARY_FORMATS else None
     done = 0
     call = 0
     while done < trials:
         batch = min(chunk, trials - done)
         trial_summary = None if summary is None else KeySummary(
-            summary.codes.expand(batch, -1, -1, -1), summary.params.expand(batch, -1, -1, -1, -1))
+            summary.codes.expand(batch, -1, -1, -1), summary.params.expand(batch, -1, -1, -1, -1),
+            summary.format)
         out, stats = decode(q.expand(batch, -1, -1), k.expand(batch, -1, -1, -1),
                             v.expand(batch, -1, -1, -1), cfg, scale=scale,
                             seed=(seed, call), return_stats=True, key_summary=trial_summary)
@@ -128,3 +130,23 @@ def binomial_upper(trials: int, p: float, alpha: float) -> int:
             return c
         c += 1
     return trials
+
+
+def selector_share(selector: str, head_dim: int, elem: int) -> float:
+    """Bytes the selector reads per token over dense attention's K+V bytes per token, for a
+    cache of ``elem`` bytes per element: all of K for the oracle (0.5), the summary for a
+    summary selector (its bytes are fixed, whatever the cache's dtype)."""
+    if selector in SUMMARY_FORMATS:
+        return summary_bytes_per_token(head_dim, selector) / (2 * head_dim * elem)
+    return 0.5
+
+
+def relative_bytes_at(relative_bytes, selector: str, head_dim: int, elem: int, to_elem: int):
+    """``stats["relative_bytes"]`` of a cache of ``elem`` bytes per element, recounted for one
+    of ``to_elem`` (e.g. a float32 CPU run counted as the bf16 cache a GPU would hold).
+
+    The K/V rows' share (rows / n) does not depend on the element size; a summary's does
+    (its size is fixed in bytes). Assumes the selector ran (a non-empty heavy set), and
+    counts int3_channel's block parameters amortised over the block."""
+    return (relative_bytes - selector_share(selector, head_dim, elem)
+            + selector_share(selector, head_dim, to_elem))

@@ -50,7 +50,7 @@ def test_select_topk_matches_reference_without_sample(share_gqa):
     # The reference's own heavy set, attended alone: the sample of 0 tokens is empty (the
     # rule only sizes the overridden budget: "denominator" keeps it finite).
     cfg = VAttentionConfig(sink=sink, local=local, heavy=count - sink - local, share_gqa=share_gqa,
-                           rule="denominator")
+                           rule="denominator", selector="oracle")
     expected, traces = reference.decode(q, k, v, cfg, seq_lens=seq_lens, return_trace=True,
                                         budget_override=[[0] * lists] * 2)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -60,6 +60,26 @@ def test_select_topk_matches_reference_without_sample(share_gqa):
             assert read == traces[b][lst].deterministic
             assert len(read) == count
     assert not sel.sampled.any()
+
+
+@pytest.mark.parametrize("share_gqa", [True, False])
+def test_topk_ranks_by_rank_k_and_attends_the_exact_keys(share_gqa):
+    # A top-k charged for a cheap selector (bench_bytes: the int4 summary) ranks by those
+    # keys; what it then attends must still be the exact K rows it chose.
+    q, k, v = _inputs()
+    seq_lens = torch.tensor([300, 211])
+    args = dict(sink=7, local=13, seq_lens=seq_lens, share_gqa=share_gqa, return_selection=True)
+    out, sel = baselines.topk_attention(q, k, v, 60, **args)
+    same, same_sel = baselines.topk_attention(q, k, v, 60, rank_k=k.clone(), **args)
+    assert torch.equal(same_sel.read, sel.read) and torch.equal(same, out)
+    flipped, flipped_sel = baselines.topk_attention(q, k, v, 60, rank_k=-k, **args)
+    assert not torch.equal(flipped_sel.read, sel.read)
+    assert (flipped_sel.read.sum(-1) == 60).all()
+    assert not flipped_sel.read[1, :, 211:].any()       # never past a row's length
+    expected, _ = _estimate64(q, k, v, flipped_sel, seq_lens=seq_lens)
+    torch.testing.assert_close(flipped.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank_k"):
+        baselines.topk_attention(q, k, v, 60, rank_k=k[:, :, :10])
 
 
 @pytest.mark.parametrize("fn", [baselines.topk_attention, baselines.uniform_attention])
