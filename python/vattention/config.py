@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 
@@ -11,7 +11,9 @@ Size = Union[int, float]
 
 RULES = ("ratio", "paper", "denominator")
 VERIFIED_RULES = ("ratio", "paper")
-SELECTORS = ("oracle", "int4")
+SELECTORS = ("oracle", "int4", "int3_channel")
+GQA_HEAVY = ("max", "union")
+TAILS = ("normal", "chi2")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,23 @@ class VAttentionConfig:
 
     sink, local: the first / last tokens, always attended exactly.
     heavy: heavy hitters chosen by ``selector`` among the remaining tokens.
+    adaptive_heavy: adaptive heavy size (opt-in, default False): each index list chooses its heavy set
+        among the selector's nested top-m sets of sizes heavy x (1/4, 1/2, 1, 2) (fractions
+        capped at 1; counts rounded down, zeros and repeats dropped), taking the one that
+        reads the fewest rows, m + the residual's rows (its budget beyond the pilot's draws,
+        or all of it when the budget reaches it); every candidate's budget comes from one
+        pilot drawn outside the smallest set (vattention.heavy_size; docs/algorithm.md,
+        "Adaptive heavy size"). So ``heavy`` is the nominal size, and a step never reads more
+        heavy rows than 2 x heavy. False: the single size ``heavy``. Not with
+        gqa_heavy="union" (which then keeps the single size). benchmarks/bench_levers.py,
+        lever a10, measured it: 0.03-0.33 fewer relative bytes on SmolLM2 and Gemma-3 with
+        the coverage tests passing, but benchmarks/bench_bytes.py saw a Gemma-3 32K head
+        violate 4/8 times at (0.1, 0.1) (the choice reuses the pilot that sizes the budget, a
+        stopping rule), so it is not the default yet.
+    heavy_candidates: an explicit tuple of candidate sizes instead of the ones adaptive_heavy
+        derives from ``heavy``: strictly increasing, all counts or all fractions, e.g.
+        (0.0125, 0.025, 0.05, 0.1); ``heavy`` and ``adaptive_heavy`` are then unused. Needs
+        gqa_heavy="max". () (default): derived from ``heavy``.
     base_rate: pilot sample size: an int is a token count (>= 2), a float a fraction of the
         residual (in (0, 1]); at least 2 draws, at most the residual. The pilot costs bytes
         like any other token: it is a first-order speed knob. At long context the budget is
@@ -41,15 +60,33 @@ class VAttentionConfig:
         coverage tests), "paper" (numerator and denominator bounded separately:
         safe, about twice the density) or "denominator" (the authors' public code:
         NOT verified, kept for comparison).
-    selector: how heavy hitters are chosen. "oracle": exact top-k of the logits (reads all of
+    selector: how heavy hitters are chosen (default "int4"). "oracle": exact top-k of the logits (reads all of
         K: half of dense attention's bytes). "int4": top-k of the logits of a 4-bit copy of K
         (vattention.key_summary: a zero and a step per 32 channels, D / 2 + 4 D / 32 bytes a
         token, 0.156 of a 16-bit cache's K and V rows) kept beside the cache; decode builds
-        it from k when no key_summary is passed. Both are unbiased whatever they select;
+        it from k when no key_summary is passed. "int3_channel": the same with a 3-bit copy
+        of K quantised per channel over blocks of 64 tokens (a zero and a step per channel
+        and block, 3 D / 8 + D / 16 bytes a token, 0.109 of the K and V rows; scored in
+        plain torch, no kernel yet). All are unbiased whatever they select;
         the guarantee needs the selector to keep most of the attention mass, which the
         coverage tests check for each.
     share_gqa: query heads of one KV head share one index list (scores combined,
         budget = max over the group), so every K/V row is read once per group.
+    gqa_heavy: how a shared list (share_gqa, more than one query head per KV head) picks its
+        heavy set. "max" (default): the top ``heavy`` tokens of the group's max
+        log-probability, one heavy set the size of one head's. "union": the union of each
+        head's own top ``heavy`` tokens (deduplicated, up to group x heavy rows), so no head's
+        heavy hitters are left in the residual: on dissimilar heads "max" splits one head's
+        worth of heavy rows over the group and the shared budget (the max over the heads)
+        falls back to exact attention, where "union" reads at most the rows of per-head
+        lists' heavy sets plus one shared pilot and sample. Ignored without sharing.
+    tail: the ratio rule's tail bound. "normal" (default): z^2 = Phi^-1(1 - delta/2)^2 in
+        front of Tr(Sigma), exact for a one-dimensional error. "chi2": the error is a
+        D-vector; by Satterthwaite ||e||^2 ~ g chi^2_h with the effective dimension
+        h = (Tr Sigma)^2 / Tr(Sigma^2), estimated per head from the pilot (op
+        pilot_dispersion, which reads the pilot's rows a second time), so z^2 becomes
+        chi^2_{h, 1-delta} / h (the same at h = 1, smaller above): fewer samples at the
+        same (epsilon, delta) (docs/algorithm.md, "Tail bound"). Ratio rule only.
     num_splits: split-K factor of the attention kernel; 0 picks one from the device.
     min_samples: the fewest residual tokens ever sampled: the normal approximation behind
         every budget rule needs a few dozen draws, whatever the pilot suggests.
@@ -58,20 +95,28 @@ class VAttentionConfig:
     sink: Size = 128
     local: Size = 128
     heavy: Size = 0.05
+    adaptive_heavy: bool = False
+    heavy_candidates: Tuple[Size, ...] = ()
     base_rate: Size = 128
     epsilon: float = 0.05
     delta: float = 0.05
     rule: str = "ratio"
-    selector: str = "oracle"
+    selector: str = "int4"
     share_gqa: bool = True
+    gqa_heavy: str = "max"
     num_splits: int = 0
     min_samples: int = 32
     reuse_pilot: bool = True
+    tail: str = "normal"
 
     def __post_init__(self):
         for name in ("sink", "local", "heavy"):
             check_size(getattr(self, name), f"VAttentionConfig.{name}")
         check_pilot_size(self.base_rate, "VAttentionConfig.base_rate")
+        self._check_heavy_candidates()
+        if not isinstance(self.adaptive_heavy, bool):
+            raise ValueError(f"VAttentionConfig.adaptive_heavy must be a bool, "
+                             f"got {self.adaptive_heavy!r}")
         if not (isinstance(self.epsilon, (int, float)) and 0.0 < self.epsilon < 1.0):
             raise ValueError(f"VAttentionConfig.epsilon must lie in (0, 1), got {self.epsilon!r}")
         if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
@@ -83,6 +128,14 @@ class VAttentionConfig:
                              f"got {self.selector!r}")
         if not isinstance(self.share_gqa, bool):
             raise ValueError(f"VAttentionConfig.share_gqa must be a bool, got {self.share_gqa!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"VAttentionConfig.tail must be one of {TAILS}, got {self.tail!r}")
+        if self.tail != "normal" and self.rule != "ratio":
+            raise ValueError(f"VAttentionConfig.tail={self.tail!r} applies to the ratio rule "
+                             f"only, got rule={self.rule!r}")
+        if self.gqa_heavy not in GQA_HEAVY:
+            raise ValueError(f"VAttentionConfig.gqa_heavy must be one of {GQA_HEAVY}, "
+                             f"got {self.gqa_heavy!r}")
         if isinstance(self.num_splits, bool) or not isinstance(self.num_splits, int) \
                 or self.num_splits < 0:
             raise ValueError(f"VAttentionConfig.num_splits must be an int >= 0, "
@@ -95,6 +148,43 @@ class VAttentionConfig:
         if not isinstance(self.reuse_pilot, bool):
             raise ValueError(f"VAttentionConfig.reuse_pilot must be a bool, "
                              f"got {self.reuse_pilot!r}")
+
+    def _check_heavy_candidates(self) -> None:
+        name = "VAttentionConfig.heavy_candidates"
+        candidates = self.heavy_candidates
+        if not isinstance(candidates, (tuple, list)):
+            raise ValueError(f"{name} must be a tuple of sizes, got {candidates!r}")
+        candidates = tuple(candidates)
+        for size in candidates:
+            check_size(size, name)
+        # Nested candidate sets need counts in the same order in every row: sizes of one kind,
+        # increasing (resolve_sizes is then non-decreasing along the tuple for every length).
+        if len({type(size) for size in candidates}) > 1:
+            raise ValueError(f"{name} must be all int counts or all float fractions, "
+                             f"got {candidates!r}")
+        if any(b <= a for a, b in zip(candidates, candidates[1:])):
+            raise ValueError(f"{name} must be strictly increasing, got {candidates!r}")
+        if candidates and self.gqa_heavy != "max":
+            raise ValueError(f"{name} needs gqa_heavy='max', got gqa_heavy={self.gqa_heavy!r}")
+        object.__setattr__(self, "heavy_candidates", candidates)   # a list -> a hashable tuple
+
+    @property
+    def heavy_sizes(self) -> Tuple[Size, ...]:
+        """The candidate heavy sizes decode chooses from per list; () for the single size
+        ``heavy`` (adaptive_heavy off, gqa_heavy="union", or no heavy set at all)."""
+        if self.heavy_candidates:
+            return self.heavy_candidates
+        if not self.adaptive_heavy or self.gqa_heavy != "max":
+            return ()
+        if isinstance(self.heavy, float):
+            sizes = [self.heavy / 4, self.heavy / 2, self.heavy, min(2 * self.heavy, 1.0)]
+        else:
+            sizes = [self.heavy // 4, self.heavy // 2, self.heavy, 2 * self.heavy]
+        kept = []
+        for size in sizes:
+            if size > 0 and (not kept or size > kept[-1]):
+                kept.append(size)
+        return tuple(kept)
 
     @property
     def verified(self) -> bool:

@@ -17,9 +17,10 @@ from typing import Callable, ContextManager, Optional, Sequence, Union
 import torch
 
 from . import budget as budget_rules
+from . import heavy_size
 from . import ops
 from .config import VAttentionConfig, check_qkv, resolve_size, resolve_sizes
-from .key_summary import KeySummary, summary_bytes_per_token
+from .key_summary import FORMATS as SUMMARY_FORMATS, KeySummary, summary_bytes
 from .select import select_scores
 
 Tensor = torch.Tensor
@@ -135,13 +136,14 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     q: [B, Hq, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0; seq_lens: [B] valid lengths
     (default N); scale: logit scale (default 1/sqrt(D)); seed: None (torch's generator),
     an int, a (seed, offset) pair, or an int64 device tensor [seed, offset].
-    key_summary: the int4 summary of k (vattention.key_summary, kept beside the cache) that
-    selector "int4" scores; None builds one from k (convenient for one-off calls, and not
+    key_summary: the summary of k (vattention.key_summary, kept beside the cache) that
+    selector "int4" or "int3_channel" scores, in that selector's format; None builds one from k (convenient for one-off calls, and not
     counted in relative_bytes: a cache pays it once per appended token). Ignored by "oracle".
     Returns out [B, Hq, D] in q's dtype, and with return_stats a dict of per-head
     device tensors (see README and docs/api.md). stage_timer(name), if given, wraps each stage
     (select_scores, select_topk, attend, pilot, budget, sample, combine) so a benchmark can
-    time them; the select stage is skipped where no row has a heavy hitter.
+    time them; the select stage is skipped where no row has a heavy hitter. With
+    cfg.heavy_sizes (adaptive_heavy, the default, or heavy_candidates) each list chooses its heavy size (_decode_adaptive, heavy_size.py).
     """
     stage = stage_timer or _no_timer
     cfg = VAttentionConfig() if cfg is None else cfg
@@ -157,31 +159,44 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     lengths = _lengths(seq_lens, batch, length, device)
     rng = _rng_state(seed, device)
     list_heads = kv_heads if cfg.share_gqa else q_heads
-    if cfg.selector == "int4" and key_summary is not None:
+    if cfg.selector in SUMMARY_FORMATS and key_summary is not None:
         # (None: select_scores builds one from k, and only if a row has a heavy hitter.)
         if not isinstance(key_summary, KeySummary):
             raise TypeError(f"key_summary must be a vattention.key_summary.KeySummary, got "
                             f"{type(key_summary).__name__}")
-        key_summary.check(batch, kv_heads, length, dim, device)
+        key_summary.check(batch, kv_heads, length, dim, device, format=cfg.selector)
 
     # Token budget of every row, as device tensors [B].
     sink = resolve_sizes(cfg.sink, lengths)
     local = torch.minimum(resolve_sizes(cfg.local, lengths), lengths - sink)
     window_start, window_end = sink, lengths - local
     heavy = torch.minimum(resolve_sizes(cfg.heavy, lengths), window_end - window_start)
-    n_residual = window_end - window_start - heavy
-    pilot_wanted = torch.where(n_residual > 0,
-                               resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
-                               torch.zeros_like(n_residual))
     # Their static upper bounds size the buffers (resolve_size agrees with resolve_sizes).
     sink_max, local_max = resolve_size(cfg.sink, length), resolve_size(cfg.local, length)
     heavy_max = resolve_size(cfg.heavy, length)
     pilot_max = max(2, resolve_size(cfg.base_rate, length))
+    # A shared list of gqa_heavy="union" holds each head's own top `heavy`: up to group x
+    # heavy rows, so its heavy count (and residual) is per list.
+    union = cfg.share_gqa and cfg.gqa_heavy == "union" and q_heads > kv_heads
+    heavy_width = heavy_max * (q_heads // kv_heads) if union else heavy_max
 
     starts_rows = _per_list(window_start, list_heads)
     ends_rows = _per_list(window_end, list_heads)
+    if cfg.heavy_sizes:
+        return _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage,
+                                return_stats, (sink, local, sink_max, local_max), pilot_max,
+                                list_heads, starts_rows, ends_rows)
 
-    if heavy_max > 0:
+    if heavy_max > 0 and union:
+        with stage("select_scores"):
+            scores = select_scores(q, k, lengths, scale, False, cfg.selector, key_summary)
+        with stage("select_topk"):
+            per_head = ops.select_topk(scores.reshape(batch * q_heads, length),
+                                       _per_list(window_start, q_heads),
+                                       _per_list(window_end, q_heads),
+                                       _per_list(heavy, q_heads), heavy_max)
+            heavy_idx = _merge_heavy(per_head.view(batch * list_heads, heavy_width), length)
+    elif heavy_max > 0:
         with stage("select_scores"):
             scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
                                    key_summary)
@@ -192,6 +207,15 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         # No row has a heavy hitter (heavy_max bounds every row's count): scoring would read
         # all of K to choose nothing.
         heavy_idx = torch.empty((batch * list_heads, 0), dtype=torch.int32, device=device)
+    if union:
+        heavy_lists = (heavy_idx >= 0).sum(dim=1).view(batch, list_heads)
+    else:
+        heavy_lists = heavy[:, None].expand(-1, list_heads)
+    n_residual_lists = (window_end - window_start)[:, None] - heavy_lists   # [B, lists]
+    n_residual = n_residual_lists.reshape(-1)                               # [B * lists]
+    pilot_wanted = torch.where(n_residual > 0,
+                               resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
+                               torch.zeros_like(n_residual))
 
     # Exact attention over the deterministic set.
     sink_pos = torch.arange(sink_max, device=device)
@@ -201,7 +225,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
                             window_end[:, None] + local_pos[None, :], -1)
     fixed_idx = torch.cat([sink_idx, local_idx], dim=1).to(torch.int32)
     det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
-                         heavy_idx.view(batch, list_heads, heavy_max)], dim=2).contiguous()
+                         heavy_idx.view(batch, list_heads, heavy_width)], dim=2).contiguous()
     det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
                             device=device)
     with stage("attend"):
@@ -210,7 +234,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
 
     with stage("pilot"):
         pilot_idx, _, pilot_counts = ops.sample_residual(
-            heavy_idx, starts_rows, ends_rows, _per_list(pilot_wanted, list_heads), rng,
+            heavy_idx, starts_rows, ends_rows, pilot_wanted.to(torch.int32), rng,
             pilot_max, ops.PILOT_DRAWS)
         pilot_max_logit, moments, vector_moments = ops.pilot_stats(
             q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
@@ -218,12 +242,22 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
 
     # Budget per query head, then per list (max over the heads that share it).
     with stage("budget"):
-        n_residual_heads = n_residual[:, None].expand(-1, q_heads)
+        n_residual_heads = _per_head(n_residual, batch, list_heads, q_heads)
         pilot_heads = _per_head(pilot_counts, batch, list_heads, q_heads)
         estimate = budget_rules.estimate(det_out, det_lse, pilot_max_logit, moments,
                                          vector_moments, pilot_heads, n_residual_heads)
+        effective_dim = None
+        if cfg.tail == "chi2":
+            # The terms' spread needs O^, known only after the pilot: a second read of the
+            # pilot's rows (the rows stay few: p = base_rate).
+            dispersion = ops.pilot_dispersion(
+                q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
+                pilot_counts.view(batch, list_heads), scale,
+                estimate.o_hat.to(torch.float32).contiguous())
+            effective_dim = budget_rules.effective_dimension(dispersion)
         required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads,
-                                                 pilot_heads, cfg.epsilon, cfg.delta)
+                                                 pilot_heads, cfg.epsilon, cfg.delta,
+                                                 effective_dim=effective_dim)
         # A NaN the pilot read (a logit or a value) must reach the output, but a rule reads
         # only some of the pilot's statistics (the denominator rule never looks at values):
         # a NaN in any of them makes the budget NaN, whatever the rule.
@@ -242,7 +276,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2).reshape(-1)
         # The exact fallback enumerates the residual with weight 1 (the sampler does so
         # when asked for n_r or more): the pilot must then not be counted a second time.
-        exact_lists = wanted_lists >= _per_list(n_residual, list_heads).to(torch.float64)
+        exact_lists = wanted_lists >= n_residual.to(torch.float64)
         if cfg.reuse_pilot:
             reused = torch.where(exact_lists, torch.zeros_like(pilot_counts), pilot_counts)
             # wanted >= min_samples already, so pilot + remainder reaches min_samples.
@@ -251,7 +285,240 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         else:
             final_wanted = wanted_lists
 
-    sample_max = max(length, 1)
+    reused_counts = reused if cfg.reuse_pilot else None
+    out, sample_idx, sample_counts, draws = _sample_and_combine(
+        q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
+        [(det_out, det_lse)], reused_counts, (pilot_max_logit, moments, vector_moments),
+        n_residual_heads)
+    if not return_stats:
+        return out
+
+    # With reuse the estimate's draws are the pilot's and the final sample's together.
+    sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
+    exact = _per_head(exact_lists, batch, list_heads, q_heads)
+    read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
+    for idx in (pilot_idx, sample_idx):
+        read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
+    sampled_rows_read = read[:, :length].sum(dim=1)
+    deterministic = (sink + local)[:, None] + heavy_lists                  # [B, lists]
+    rows_read = deterministic + sampled_rows_read.view(batch, list_heads)
+    density = rows_read.to(torch.float32) / lengths.clamp(min=1)[:, None].to(torch.float32)
+    achieved = torch.where(
+        exact | (n_residual_f == 0), torch.zeros_like(required),
+        cfg.epsilon * torch.sqrt(required / sampled_heads.to(torch.float64).clamp(min=1.0)))
+    # The chi-square tail's pilot_dispersion reads the pilot's rows a second time.
+    pilot_reads, pilot_read_counts = pilot_idx, pilot_counts
+    if cfg.tail == "chi2":
+        slots = torch.arange(pilot_max, device=device)
+        valid = torch.where(slots[None, :] < pilot_counts[:, None], pilot_idx, -1)
+        pilot_reads = torch.cat([valid, valid], dim=1)
+        pilot_read_counts = torch.full_like(pilot_counts, 2 * pilot_max)
+    relative_bytes = _relative_bytes(cfg, k, lengths, heavy_max, det_idx, det_counts,
+                                     (pilot_reads, pilot_read_counts),
+                                     (sample_idx, sample_counts), list_heads, q_heads)
+    stats = {
+        "relative_bytes": relative_bytes,
+        "budget": sampled_heads,
+        "required": required,
+        "pilot": pilot_heads,
+        "density": _per_head(density, batch, list_heads, q_heads),
+        "exact": exact,
+        "n_residual": n_residual_heads,
+        "deterministic": _per_head(deterministic, batch, list_heads, q_heads),
+        "error_bound": achieved,
+        "heavy_indices": heavy_idx.view(batch, list_heads, heavy_width),
+    }
+    return out, stats
+
+
+def _fixed_indices(sink: Tensor, local: Tensor, window_end: Tensor, sink_max: int,
+                   local_max: int) -> Tensor:
+    """The sink and local positions of each row, -1 padded: [B, sink_max + local_max] int32."""
+    device = sink.device
+    sink_pos = torch.arange(sink_max, device=device)
+    sink_idx = torch.where(sink_pos[None, :] < sink[:, None], sink_pos[None, :], -1)
+    local_pos = torch.arange(local_max, device=device)
+    local_idx = torch.where(local_pos[None, :] < local[:, None],
+                            window_end[:, None] + local_pos[None, :], -1)
+    return torch.cat([sink_idx, local_idx], dim=1).to(torch.int32)
+
+
+def _within_count(indices: Tensor, counts: Tensor) -> Tensor:
+    """indices [rows, W] with the entries at or beyond each row's count set to -1."""
+    slots = torch.arange(indices.shape[1], device=indices.device)
+    return torch.where(slots[None, :] < counts.reshape(-1, 1), indices, -1)
+
+
+def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, return_stats,
+                     fixed, pilot_max, list_heads, starts_rows, ends_rows):
+    """decode with cfg.heavy_sizes: per list the heavy size of heavy_size.plan's choice.
+
+    Kernels: one select_topk per candidate; exact attention over the fixed set and T_0; one
+    pilot from R_0, its statistics by band (every pilot row read once); the budgets of all
+    candidates (budget.required_samples, so cfg's rule and tail apply); then exact attention
+    over T_chosen minus T_0, the final sample from R_chosen topping up the pilot draws that
+    lie in R_chosen (reuse_pilot), and one combine."""
+    batch, q_heads, _ = q.shape
+    length = k.shape[2]
+    device = q.device
+    group = q_heads // list_heads
+    rows = batch * list_heads
+    sink, local, sink_max, local_max = fixed
+    window_start, window_end = sink, lengths - local
+    window = window_end - window_start
+    counts, bounds = heavy_size.candidate_sizes(cfg.heavy_sizes, lengths, window, length)
+    top_max = bounds[-1]
+
+    if top_max > 0:
+        with stage("select_scores"):
+            scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
+                                   key_summary).reshape(rows, length)
+        with stage("select_topk"):
+            candidates = [ops.select_topk(scores, starts_rows, ends_rows,
+                                          _per_list(m, list_heads), bound)
+                          for m, bound in zip(counts, bounds)]
+    else:
+        candidates = [torch.empty((rows, 0), dtype=torch.int32, device=device)
+                      for _ in bounds]
+    padded = torch.stack([torch.nn.functional.pad(c, (0, top_max - c.shape[1]), value=-1)
+                          for c in candidates])                            # [C, rows, top_max]
+    heavy_c = torch.stack(counts)[:, :, None].expand(-1, -1, list_heads)    # [C, B, Hl]
+    n_residual_c = window[None, :, None] - heavy_c                         # [C, B, Hl]
+
+    fixed_idx = _fixed_indices(sink, local, window_end, sink_max, local_max)
+    det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
+                         candidates[0].view(batch, list_heads, bounds[0])], dim=2).contiguous()
+    det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
+                            device=device)
+    with stage("attend"):
+        det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
+                                                cfg.num_splits)
+
+    n_r0 = n_residual_c[0].reshape(-1)
+    pilot_wanted = torch.where(n_r0 > 0, resolve_sizes(cfg.base_rate, n_r0).clamp(min=2),
+                               torch.zeros_like(n_r0))
+    with stage("pilot"):
+        pilot_idx, _, pilot_counts = ops.sample_residual(
+            candidates[0], starts_rows, ends_rows, pilot_wanted.to(torch.int32), rng,
+            pilot_max, ops.PILOT_DRAWS)
+        pilot_idx = _within_count(pilot_idx, pilot_counts)
+        depth = heavy_size.pilot_depth(pilot_idx, pilot_idx >= 0, list(padded), length)
+        full_counts = torch.full((batch, list_heads), pilot_max, dtype=torch.int32,
+                                 device=device)
+        bands = [ops.pilot_stats(q, k, v, torch.where(depth == band, pilot_idx, -1).view(
+                     batch, list_heads, pilot_max), full_counts, scale)
+                 for band in range(1, len(bounds) + 1)]
+        max_logit_c, moments_c, vector_c = heavy_size.merge_bands(bands)
+        p_lists = torch.stack([(depth > c).sum(dim=1) for c in range(len(bounds))])
+        p_c = torch.stack([_per_head(p, batch, list_heads, q_heads) for p in p_lists])
+
+    with stage("budget"):
+        n_residual_heads = torch.stack([_per_head(n, batch, list_heads, q_heads)
+                                        for n in n_residual_c])         # [C, B, Hq]
+        estimate = heavy_size.candidate_estimate(det_out, det_lse, max_logit_c, moments_c,
+                                                 vector_c, p_c, n_residual_heads)
+        effective_dim = None
+        extra_pilot_reads = []
+        if cfg.tail == "chi2":
+            # One effective dimension from all the pilot's draws (R_0's), for every candidate:
+            # one re-read of the pilot's rows, not one per candidate. The draws in T_c \ T_0
+            # are the heaviest and concentrate the spread, so R_0's h is the smaller one.
+            center = estimate.o_hat[0].to(torch.float32).contiguous()
+            extra_pilot_reads.append(pilot_idx)
+            effective_dim = budget_rules.effective_dimension(ops.pilot_dispersion(
+                q, k, v, pilot_idx.view(batch, list_heads, pilot_max), full_counts, scale,
+                center))[None].expand(len(bounds), -1, -1)
+        required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads, p_c,
+                                                 cfg.epsilon, cfg.delta,
+                                                 effective_dim=effective_dim)
+        # A NaN any pilot draw read reaches Z^ / O^ and so every candidate (see decode).
+        pilot_nan = torch.zeros_like(required[0], dtype=torch.bool)
+        for band_max, band_moments, band_vector in bands:
+            pilot_nan = (pilot_nan | torch.isnan(band_max) | torch.isnan(band_moments).any(-1)
+                         | torch.isnan(band_vector).flatten(-2).any(-1))
+        required = torch.where(pilot_nan[None], torch.full_like(required, math.nan), required)
+        wanted_c, exact_c, choice = heavy_size.plan(required, p_c, n_residual_heads, heavy_c,
+                                                    cfg.min_samples, cfg.reuse_pilot, group)
+        choice_heads = _per_head(choice, batch, list_heads, q_heads)
+        lists_range = torch.arange(rows, device=device)
+        heavy_idx = padded[choice, lists_range]                              # [rows, top_max]
+        wanted_lists = wanted_c[choice, lists_range]
+        exact_lists = exact_c[choice, lists_range]
+        reused = torch.where(exact_lists | (not cfg.reuse_pilot),
+                             torch.zeros_like(pilot_counts),
+                             p_lists[choice, lists_range].to(pilot_counts.dtype))
+        final_wanted = torch.where(exact_lists, wanted_lists,
+                                   (wanted_lists - reused.to(torch.float64)).clamp(min=0.0))
+        required = heavy_size.pick(required, choice_heads)
+        n_residual_heads = heavy_size.pick(n_residual_heads, choice_heads)
+
+    # T_chosen minus T_0, exactly (T_0 is in det_out already).
+    extra_idx = torch.where(heavy_size.members(heavy_idx, candidates[0], length), -1,
+                            heavy_idx).to(torch.int32)
+    extra_counts = torch.full((batch, list_heads), top_max, dtype=torch.int32, device=device)
+    partials = [(det_out, det_lse)]
+    if top_max > bounds[0]:
+        with stage("attend"):
+            partials.append(ops.sparse_attention(q, k, v, extra_idx.view(batch, list_heads,
+                                                                         top_max),
+                                                 None, extra_counts, scale, cfg.num_splits))
+    pilot_stats_chosen = (heavy_size.pick(max_logit_c, choice_heads).to(torch.float32),
+                          heavy_size.pick(moments_c, choice_heads),
+                          heavy_size.pick(vector_c, choice_heads))
+    out, sample_idx, sample_counts, draws = _sample_and_combine(
+        q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
+        partials, reused if cfg.reuse_pilot else None, pilot_stats_chosen, n_residual_heads)
+    if not return_stats:
+        return out
+
+    sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
+    exact = _per_head(exact_lists, batch, list_heads, q_heads)
+    n_residual_f = n_residual_heads.to(torch.float64)
+    sample_read = _within_count(sample_idx, sample_counts)
+    read = torch.zeros(rows, length + 1, dtype=torch.bool, device=device)
+    for idx in (det_idx.view(rows, -1), extra_idx, pilot_idx, sample_read):
+        read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
+    rows_read = read[:, :length].sum(dim=1).view(batch, list_heads)
+    density = rows_read.to(torch.float32) / lengths.clamp(min=1)[:, None].to(torch.float32)
+    heavy_lists = torch.stack(counts)[choice.view(batch, list_heads),
+                                      torch.arange(batch, device=device)[:, None]]
+    deterministic = (sink + local)[:, None] + heavy_lists                  # [B, lists]
+    achieved = torch.where(
+        exact | (n_residual_f == 0), torch.zeros_like(required),
+        cfg.epsilon * torch.sqrt(required / sampled_heads.to(torch.float64).clamp(min=1.0)))
+    # Every row a kernel loads: the fixed set and T_0, T_chosen minus T_0 (when that launch
+    # runs), each band's pilot rows (once in all), the chi-square tail's re-reads, the sample.
+    loaded = [det_idx.view(rows, -1)] + ([extra_idx] if top_max > bounds[0] else [])
+    pilot_loaded = torch.cat([pilot_idx] + extra_pilot_reads, dim=1)
+    relative_bytes = _relative_bytes(
+        cfg, k, lengths, top_max, torch.cat(loaded, dim=1),
+        torch.full((rows,), sum(t.shape[1] for t in loaded), dtype=torch.int32, device=device),
+        (pilot_loaded, torch.full((rows,), pilot_loaded.shape[1], dtype=torch.int32,
+                                  device=device)),
+        (sample_idx, sample_counts), list_heads, q_heads)
+    return out, {
+        "relative_bytes": relative_bytes,
+        "budget": sampled_heads,
+        "required": required,
+        "pilot": _per_head(pilot_counts, batch, list_heads, q_heads),
+        "density": _per_head(density, batch, list_heads, q_heads),
+        "exact": exact,
+        "n_residual": n_residual_heads,
+        "deterministic": _per_head(deterministic, batch, list_heads, q_heads),
+        "error_bound": achieved,
+        "heavy_indices": heavy_idx.view(batch, list_heads, top_max),
+    }
+
+
+def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows,
+                        final_wanted, partials, reused, pilot_stats, n_residual_heads):
+    """The final sample of the residual, its attention, and the combine of every partial:
+    partials (the exact parts), then with reuse_pilot the reused pilot draws (reused [lists]
+    counts; pilot_stats: their max_logit, moments, vector_moments per head) and the sample.
+    Returns (out in q's dtype, sample indices, sample counts, draws in the estimate)."""
+    batch, q_heads, _ = q.shape
+    list_heads = heavy_idx.shape[0] // batch
+    sample_max = max(k.shape[2], 1)
     with stage("sample"):
         sample_idx, sample_log_weights, sample_counts = ops.sample_residual(
             heavy_idx, starts_rows, ends_rows, final_wanted.to(torch.int32), rng,
@@ -263,63 +530,47 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
             sample_counts.view(batch, list_heads), scale, cfg.num_splits)
     draws = sample_counts
     with stage("combine"):
-        partials = [(det_out, det_lse), (sample_out, sample_lse)]
-        if cfg.reuse_pilot:
+        partials = list(partials)
+        if reused is None:
+            partials.append((sample_out, sample_lse))
+        else:
             # The pilot's part of the estimate is already in its statistics: sum w V / sum w
             # over its draws, with lse = max_logit + log sum w. So no kernel loads a pilot row
             # twice, and no attention launch or index copy is added; only the weights change:
             # every draw, pilot or final, weighs n_r / (p + d), where the sampler gave the d
-            # final draws n_r / d (1 when it enumerated the residual, where p counts 0).
+            # final draws n_r / d (1 when it enumerated the residual, where no pilot draw is
+            # reused).
+            max_logit, moments, vector_moments = pilot_stats
             draws = reused + sample_counts
             log_draws = _per_head(torch.log(draws.clamp(min=1).to(torch.float32)), batch,
                                   list_heads, q_heads)
-            log_n_r = torch.log(n_residual.to(torch.float32))[:, None]
+            log_n_r = torch.log(n_residual_heads.to(torch.float32))
             sum_w = moments[..., 0]
-            pilot_lse = torch.where(_per_head(exact_lists, batch, list_heads, q_heads),
-                                    torch.full_like(pilot_max_logit, -math.inf),
-                                    pilot_max_logit + torch.log(sum_w) + log_n_r - log_draws)
-            pilot_out = vector_moments[..., 0, :] / sum_w.clamp(
-                min=torch.finfo(torch.float32).tiny)[..., None]
+            no_pilot = _per_head(reused == 0, batch, list_heads, q_heads)
+            pilot_lse = torch.where(no_pilot, torch.full_like(max_logit, -math.inf),
+                                    max_logit + torch.log(sum_w).to(torch.float32) + log_n_r
+                                    - log_draws)
+            pilot_out = (vector_moments[..., 0, :] / sum_w.clamp(
+                min=torch.finfo(sum_w.dtype).tiny)[..., None]).to(torch.float32)
             log_final = _per_head(torch.log(sample_counts.to(torch.float32)), batch,
                                   list_heads, q_heads)
-            partials = [(det_out, det_lse), (pilot_out, pilot_lse),
-                        (sample_out, sample_lse + log_final - log_draws)]
-
+            partials += [(pilot_out, pilot_lse), (sample_out, sample_lse + log_final - log_draws)]
         out, _ = ops.combine(torch.stack([o for o, _ in partials]),
                              torch.stack([lse for _, lse in partials]))
-        out = out.to(q.dtype)
-    if not return_stats:
-        return out
+    return out.to(q.dtype), sample_idx, sample_counts, draws
 
-    # With reuse the estimate's draws are the pilot's and the final sample's together.
-    sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
-    exact = _per_head(exact_lists, batch, list_heads, q_heads)
-    read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
-    for idx in (pilot_idx, sample_idx):
-        read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
-    sampled_rows_read = read[:, :length].sum(dim=1)
-    deterministic = sink + local + heavy
-    rows_read = deterministic[:, None] + sampled_rows_read.view(batch, list_heads)
-    density = rows_read.to(torch.float32) / lengths.clamp(min=1)[:, None].to(torch.float32)
-    achieved = torch.where(
-        exact | (n_residual_f == 0), torch.zeros_like(required),
-        cfg.epsilon * torch.sqrt(required / sampled_heads.to(torch.float64).clamp(min=1.0)))
-    relative_bytes = _relative_bytes(cfg, k, lengths, heavy_max, det_idx, det_counts,
-                                     (pilot_idx, pilot_counts), (sample_idx, sample_counts),
-                                     list_heads, q_heads)
-    stats = {
-        "relative_bytes": relative_bytes,
-        "budget": sampled_heads,
-        "required": required,
-        "pilot": pilot_heads,
-        "density": _per_head(density, batch, list_heads, q_heads),
-        "exact": exact,
-        "n_residual": n_residual_heads,
-        "deterministic": deterministic[:, None].expand(-1, q_heads),
-        "error_bound": achieved,
-        "heavy_indices": heavy_idx.view(batch, list_heads, heavy_max),
-    }
-    return out, stats
+
+def _merge_heavy(heavy: Tensor, length: int) -> Tensor:
+    """Union of the heads' heavy lists of each shared list: [lists, group x heavy] int32,
+    each list ascending and without duplicates, -1 after the valid entries (sample.h's
+    residual_position counts heavy[j] - start - j non-heavy tokens before heavy[j], which a
+    duplicate would miscount). Two sorts of static shape: no host sync, capturable."""
+    sentinel = length                           # above every position: sorts after them
+    merged = torch.where(heavy >= 0, heavy, sentinel).sort(dim=1).values
+    repeat = torch.zeros_like(merged, dtype=torch.bool)
+    repeat[:, 1:] = merged[:, 1:] == merged[:, :-1]
+    merged = torch.where(repeat, sentinel, merged).sort(dim=1).values
+    return torch.where(merged == sentinel, -1, merged).to(torch.int32)
 
 
 def _valid_entries(indices: Tensor, counts: Tensor) -> Tensor:
@@ -338,10 +589,11 @@ def _relative_bytes(cfg: VAttentionConfig, k: Tensor, lengths: Tensor, heavy_max
 
     Dense reads K and V of every valid token once per group: 2 n D elem. The selector
     reads, once per group, all n valid K rows (oracle: n D elem) or their summaries
-    (int4: n summary_bytes_per_token); it does not run when no row has a heavy hitter. Each
-    attention / pilot list loads the K and V rows of its valid entries (2 D elem each), a
-    duplicate or a row also in another kernel's list counting again; a list shared by the
-    group counts once for the group, per-head lists each count for it."""
+    (int4: n summary_bytes_per_token; int3_channel: n codes and the parameters of the
+    ceil(n / 64) blocks, key_summary.summary_bytes); it does not run when no row has a
+    heavy hitter. Each attention / pilot list loads the K and V rows of its valid entries
+    (2 D elem each), a duplicate or a row also in another kernel's list counting again; a
+    list shared by the group counts once for the group, per-head lists each count for it."""
     batch, kv_heads, _, dim = k.shape
     elem = k.element_size()
     group_lists = list_heads // kv_heads                    # lists per KV group: 1 or group
@@ -352,8 +604,8 @@ def _relative_bytes(cfg: VAttentionConfig, k: Tensor, lengths: Tensor, heavy_max
     n = lengths.to(torch.float64)[:, None]
     if heavy_max == 0:
         selector_bytes = torch.zeros_like(n)
-    elif cfg.selector == "int4":
-        selector_bytes = n * summary_bytes_per_token(dim)
+    elif cfg.selector in SUMMARY_FORMATS:
+        selector_bytes = summary_bytes(n, dim, cfg.selector)
     else:
         selector_bytes = n * (dim * elem)
     read = selector_bytes + rows * (2 * dim * elem)

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .budget import z_one_sided, z_two_sided
+from .budget import (CHI2_TABLE_DIMS, TAIL_DIM_SHRINK, chi2_quantile_table, z_one_sided,
+                     z_two_sided)
 from .config import VAttentionConfig, check_qkv, resolve_size
 
 Tensor = torch.Tensor
@@ -83,45 +84,147 @@ class ListTrace:
     required: Dict[int, float] = field(default_factory=dict)  # per query head
 
 
+def effective_dimension(terms: Tensor) -> float:
+    """TAIL_DIM_SHRINK x the U-statistic (Tr Sigma)^2 / Tr(Sigma^2) of terms [p, D]: sums
+    over pairs i != j of the centred terms, written from the explicit D x D matrix
+    C^T C and the row norms (the fast path works in draw space); at least 1, 1 where no
+    two terms vary, NaN for NaN terms."""
+    centred = terms - terms.mean(0)
+    cov = centred.T @ centred
+    fourth = ((centred ** 2).sum(1) ** 2).sum()
+    numerator, pairs = cov.trace() ** 2 - fourth, (cov ** 2).sum() - fourth
+    if bool(torch.isnan(numerator) or torch.isnan(pairs)):
+        return math.nan
+    return max(float(TAIL_DIM_SHRINK * numerator / pairs), 1.0) if pairs > 0 else 1.0
+
+
+def chi2_factor(h: float, delta: float) -> float:
+    """chi^2_{h', 1-delta} / h' at h' = floor(h) clamped to [1, CHI2_TABLE_DIMS]."""
+    if math.isnan(h):
+        return math.nan
+    return chi2_quantile_table(delta)[min(max(int(math.floor(h)), 1), CHI2_TABLE_DIMS) - 1]
+
+
 def _budget(rule: str, epsilon: float, delta: float, n_r: int, s_det: Tensor, v_det: Tensor,
-            s_pilot: Tensor, v_pilot: Tensor) -> float:
+            s_pilot: Tensor, v_pilot: Tensor, tail: str = "normal") -> float:
     """Budget from the explicit pilot terms r_i; sample (co)variances with ddof = 1.
+    tail "chi2" (ratio rule): z^2 in front of the trace becomes chi^2_{h,1-delta} / h with
+    h the terms' effective dimension (docs/algorithm.md, "Tail bound").
 
     NaN where the pilot read a NaN (whatever the rule reads of it), or where a statistic is
     NaN: decode then attends the residual exactly, so that the NaN reaches the output."""
+    every_draw = [True] * len(s_pilot)
+    return _candidate_budget(rule, epsilon, delta, n_r, n_r, s_det, v_det, s_pilot, v_pilot,
+                             every_draw, tail)
+
+
+def _candidate_budget(rule: str, epsilon: float, delta: float, n_r0: int, n_r: int,
+                      s_det: Tensor, v_det: Tensor, s_pilot: Tensor, v_pilot: Tensor,
+                      inside: List[bool], tail: str = "normal") -> float:
+    """_budget for one candidate of the adaptive heavy size: Z^ and O^ from the smallest
+    set's exact part and every pilot draw (a uniform sample of R_0, n_r0 tokens); the terms'
+    spread from the draws in this candidate's residual (inside[i]; n_r tokens). With every
+    draw inside and n_r0 = n_r, this is _budget."""
     if bool(torch.isnan(s_pilot).any() or torch.isnan(v_pilot).any()):
         return math.nan
     shift = torch.cat([s_det, s_pilot]).max()
-    w_det, w_pilot = torch.exp(s_det - shift), torch.exp(s_pilot - shift)
-    p = len(s_pilot)
-    z_hat = w_det.sum() + n_r * w_pilot.mean()
-    n_hat = (w_det[:, None] * v_det).sum(0) + n_r * (w_pilot[:, None] * v_pilot).mean(0)
+    w_det, w_all = torch.exp(s_det - shift), torch.exp(s_pilot - shift)
+    z_hat = w_det.sum() + n_r0 * w_all.mean()
+    n_hat = (w_det[:, None] * v_det).sum(0) + n_r0 * (w_all[:, None] * v_pilot).mean(0)
     o_hat = n_hat / z_hat
+    mask = torch.tensor(inside, dtype=torch.bool)
+    w_pilot, v_in = w_all[mask], v_pilot[mask]
+    p = len(w_pilot)
 
     def trace_cov(terms: Tensor) -> Tensor:  # terms [p, D]: trace of the sample covariance
         return ((terms - terms.mean(0)) ** 2).sum() / (p - 1)
 
-    def clt(z: float, trace: Tensor, tau: Tensor) -> float:
-        if bool(torch.isnan(trace) or torch.isnan(tau)):
+    def clt(z: float, trace: Tensor, tau: Tensor, z2: Optional[float] = None) -> float:
+        z2 = z * z if z2 is None else z2
+        if bool(torch.isnan(trace) or torch.isnan(tau)) or math.isnan(z2):
             return math.nan
         if tau <= 0:
             return math.inf if trace > 0 else 0.0
-        return float((z * n_r) ** 2 * trace / tau ** 2)
+        return float(z2 * n_r ** 2 * trace / tau ** 2)
 
     var_w = trace_cov(w_pilot[:, None])
     if rule == "denominator":
         return clt(z_one_sided(delta), var_w, epsilon * z_hat)
     if rule == "paper":
         z = z_two_sided(delta / 2)
-        numerator = clt(z, trace_cov(w_pilot[:, None] * v_pilot), epsilon / 4 * n_hat.norm())
+        numerator = clt(z, trace_cov(w_pilot[:, None] * v_in), epsilon / 4 * n_hat.norm())
         denominator = clt(z, var_w, epsilon / 4 * z_hat)
         return math.nan if math.isnan(numerator + denominator) else max(numerator, denominator)
     if rule == "ratio":
         z = z_two_sided(delta)
-        trace = trace_cov(w_pilot[:, None] * (v_pilot - o_hat))
+        terms = w_pilot[:, None] * (v_in - o_hat)
+        trace = trace_cov(terms)
         o_lower = o_hat.norm() - z * n_r * torch.sqrt(trace / p) / z_hat
-        return clt(z, trace, epsilon * z_hat * o_lower)
+        # The tail's effective dimension from all the pilot's terms (decode: one re-read).
+        z2 = chi2_factor(effective_dimension(w_all[:, None] * (v_pilot - o_hat)), delta) \
+            if tail == "chi2" else None
+        return clt(z, trace, epsilon * z_hat * o_lower, z2)
     raise ValueError(f"unknown rule {rule!r}")
+
+
+def _adaptive_list(cfg: VAttentionConfig, scores: Tensor, logits: Dict[int, Tensor],
+                   values: Tensor, heads: List[int], sink: int, end: int, n: int, length: int,
+                   seed: int, offset: int, row: int, out: Tensor) -> "ListTrace":
+    """One list of heavy_candidates (docs/algorithm.md, "Adaptive heavy size"): writes
+    out[h] for its heads and returns the trace of the chosen candidate."""
+    start = sink
+    sizes = [min(resolve_size(c, n), end - start) for c in cfg.heavy_sizes]
+    tops = [top_positions(scores, start, end, m) for m in sizes]
+    fixed = list(range(sink)) + list(range(end, n))
+    residual0 = [i for i in range(start, end) if i not in set(tops[0])]
+    n_r0 = len(residual0)
+    pilot_wanted = max(2, resolve_size(cfg.base_rate, n_r0)) if n_r0 else 0
+    pilot_max = max(2, resolve_size(cfg.base_rate, length))
+    pilot, _ = draw_residual(residual0, pilot_wanted, seed, offset, row, 0, pilot_max)
+    det0 = sorted(set(fixed) | set(tops[0]))
+    best = None
+    for m, top in zip(sizes, tops):
+        top_set = set(top)
+        inside = [i not in top_set for i in pilot]
+        p, n_r = sum(inside), end - start - m
+        required = {}
+        wanted = 0
+        for h in heads:
+            if n_r == 0 or p >= n_r or p < 2:
+                required[h] = float(n_r)
+            else:
+                required[h] = _candidate_budget(
+                    cfg.rule, cfg.epsilon, cfg.delta, n_r0, n_r, logits[h][det0],
+                    values[det0], logits[h][pilot], values[pilot], inside, cfg.tail)
+            exactly = p >= n_r or p < 2 or math.isnan(required[h])
+            per_head = n_r if exactly else max(required[h], cfg.min_samples)
+            wanted = max(wanted, math.ceil(min(per_head, n_r)))
+        exact = wanted >= n_r
+        extra = n_r if exact else (max(wanted - p, 0) if cfg.reuse_pilot else wanted)
+        if best is None or m + extra < best[0]:
+            best = (m + extra, top, inside, wanted, exact, required)
+    _, heavy, inside, wanted, exact, required = best
+    heavy_set = set(heavy)
+    residual = [i for i in range(start, end) if i not in heavy_set]
+    n_r = len(residual)
+    deterministic = sorted(set(fixed) | heavy_set)
+    reuse = cfg.reuse_pilot and not exact
+    reused = [i for i, keep in zip(pilot, inside) if keep] if reuse else []
+    final_wanted = max(wanted - len(reused), 0) if reuse else wanted
+    sample, weight = draw_residual(residual, final_wanted, seed, offset, row, 1, max(length, 1))
+    if reuse:
+        sample = reused + sample
+        weight = n_r / len(sample) if sample else 1.0
+    for h in heads:
+        positions = deterministic + sample
+        if not positions:
+            continue
+        weights = torch.tensor([1.0] * len(deterministic) + [weight] * len(sample),
+                               dtype=out.dtype)
+        s = logits[h][positions]
+        w = weights * torch.exp(s - s.max())
+        out[h] = (w[:, None] * values[positions]).sum(0) / w.sum()
+    return ListTrace(deterministic, heavy, residual, pilot, sample, weight, required)
 
 
 def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None,
@@ -174,8 +277,20 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
                                       for h in heads]).amax(0)
             else:
                 scores = selection[heads[0]]
+            if cfg.heavy_sizes:
+                if heavy_override is not None or budget_override is not None:
+                    raise ValueError("heavy_override / budget_override do not apply to "
+                                     "heavy_candidates")
+                row_traces.append(_adaptive_list(cfg, scores, logits, v[b, kv], heads, sink,
+                                                 end, n, length, seed, offset,
+                                                 b * list_heads + lst, out[b]))
+                continue
             if heavy_override is not None:
                 heavy = sorted(int(i) for i in heavy_override[b][lst])
+            elif cfg.share_gqa and cfg.gqa_heavy == "union" and group > 1:
+                # Each head's own top-k, and the list holds their union.
+                heavy = sorted(set().union(*(top_positions(selection[h], start, end, heavy_k)
+                                             for h in heads)))
             else:
                 heavy = top_positions(scores, start, end, heavy_k)
             deterministic = sorted(set(range(sink)) | set(range(end, n)) | set(heavy))
@@ -197,7 +312,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
                     continue
                 required[h] = _budget(cfg.rule, cfg.epsilon, cfg.delta, n_r,
                                       logits[h][deterministic], v[b, kv, deterministic],
-                                      logits[h][pilot], v[b, kv, pilot])
+                                      logits[h][pilot], v[b, kv, pilot], cfg.tail)
             wanted = 0
             for h in heads:
                 exactly = len(pilot) >= n_r or math.isnan(required[h])
