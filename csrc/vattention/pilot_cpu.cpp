@@ -10,6 +10,27 @@
 namespace vattention {
 namespace {
 
+// The logits of a list's valid entries (their positions in `used`) and their max. std::max
+// skips a NaN; instead a NaN logit (from q or a K row) makes the max, and through
+// w = exp(s - max) every statistic, NaN. A NaN in a V row reaches only what reads V.
+template <typename T>
+float list_logits(const KVRowsCpu<T>& rows, const std::vector<float>& q, int64_t b,
+                  int64_t kv_head, const int32_t* indices, int64_t count,
+                  std::vector<int32_t>* used, std::vector<float>* logits) {
+  used->clear();
+  logits->clear();
+  float max_logit = kNegInf;
+  bool nan_logit = false;
+  for (int64_t j = 0; j < count; ++j) {
+    if (!rows.valid(indices[j])) continue;
+    used->push_back(indices[j]);
+    logits->push_back(rows.logit(q, b, kv_head, indices[j]));
+    nan_logit |= std::isnan(logits->back());
+    max_logit = std::max(max_logit, logits->back());
+  }
+  return nan_logit ? std::numeric_limits<float>::quiet_NaN() : max_logit;
+}
+
 template <typename T>
 void pilot_heads(const PilotParams& p, int64_t head_begin, int64_t head_end) {
   const KVRowsCpu<T> rows{p.qkv};
@@ -22,22 +43,8 @@ void pilot_heads(const PilotParams& p, int64_t head_begin, int64_t head_end) {
     const int32_t* indices = p.list.indices + list * p.list.max_count;
     const int64_t count = std::min<int64_t>(p.list.counts[list], p.list.max_count);
     rows.load_query(b, h, &q);
-
-    logits.clear();
-    used.clear();
-    float max_logit = kNegInf;
-    bool nan_logit = false;
-    for (int64_t j = 0; j < count; ++j) {
-      if (!rows.valid(indices[j])) continue;
-      used.push_back(indices[j]);
-      logits.push_back(rows.logit(q, b, kv_head, indices[j]));
-      nan_logit |= std::isnan(logits.back());
-      max_logit = std::max(max_logit, logits.back());
-    }
-    // std::max skips a NaN; instead a NaN logit (from q or a K row) makes the
-    // max, and through w = exp(s - max) every statistic, NaN. A NaN in a V row
-    // reaches the third moment and that element of the vector moments only.
-    if (nan_logit) max_logit = std::numeric_limits<float>::quiet_NaN();
+    // A NaN in a V row reaches the third moment and that element of the vector moments only.
+    const float max_logit = list_logits(rows, q, b, kv_head, indices, count, &used, &logits);
 
     double sum_w = 0, sum_w2 = 0, sum_w2_norm = 0;
     std::vector<double> sum_wv(dim, 0.0), sum_w2v(dim, 0.0);
@@ -84,18 +91,7 @@ void dispersion_heads(const PilotDispersionParams& p, int64_t head_begin, int64_
     const int64_t count = std::min<int64_t>(p.list.counts[list], p.list.max_count);
     const float* center = p.center + t * dim;
     rows.load_query(b, h, &q);
-    logits.clear();
-    used.clear();
-    float max_logit = kNegInf;
-    bool nan_logit = false;
-    for (int64_t j = 0; j < count; ++j) {
-      if (!rows.valid(indices[j])) continue;
-      used.push_back(indices[j]);
-      logits.push_back(rows.logit(q, b, kv_head, indices[j]));
-      nan_logit |= std::isnan(logits.back());
-      max_logit = std::max(max_logit, logits.back());
-    }
-    if (nan_logit) max_logit = std::numeric_limits<float>::quiet_NaN();
+    const float max_logit = list_logits(rows, q, b, kv_head, indices, count, &used, &logits);
     const int64_t n = int64_t(used.size());
     double trace = 0, frobenius = 0, fourth = 0;
     if (n > 0) {

@@ -174,6 +174,28 @@ class ResidualEstimate:
     trace_ratio: Tensor    # Tr Cov(w (V - O^)) over R
 
 
+def pilot_spread(moments: Tensor, vector_moments: Tensor, pilot_count: Tensor,
+                 pilot_scale: Tensor, o_hat: Tensor):
+    """(var_w, Tr Cov(w V), Tr Cov(w (V - O^))) over the residual from the pilot's moments
+    (pilot.h), ddof 1, each clamped at 0, in units of exp(shift) (pilot_scale = exp(pilot's
+    max logit - shift)); centred at the O^ given."""
+    f64 = torch.float64
+    p = pilot_count.to(f64).clamp(min=1.0)
+    bessel = torch.where(pilot_count > 1, p / (p - 1.0).clamp(min=1.0), torch.zeros_like(p))
+    mean_w = moments[..., 0].to(f64) / p
+    mean_w2 = moments[..., 1].to(f64) / p
+    mean_w2_norm2 = moments[..., 2].to(f64) / p
+    mean_wv = vector_moments[..., 0, :].to(f64) / p[..., None]
+    mean_w2v = vector_moments[..., 1, :].to(f64) / p[..., None]
+    scale2 = pilot_scale ** 2 * bessel
+    var_w = (mean_w2 - mean_w ** 2) * scale2
+    trace_wv = (mean_w2_norm2 - (mean_wv ** 2).sum(-1)) * scale2
+    centred_mean = mean_wv - o_hat * mean_w[..., None]
+    trace_ratio = (mean_w2_norm2 - 2.0 * (o_hat * mean_w2v).sum(-1)
+                   + (o_hat ** 2).sum(-1) * mean_w2 - (centred_mean ** 2).sum(-1)) * scale2
+    return var_w.clamp(min=0.0), trace_wv.clamp(min=0.0), trace_ratio.clamp(min=0.0)
+
+
 def estimate(det_out: Tensor, det_lse: Tensor, pilot_max: Tensor, moments: Tensor,
              vector_moments: Tensor, pilot_count: Tensor, n_residual: Tensor) -> ResidualEstimate:
     """Combines the exact deterministic part (out, lse) with pilot moments (see pilot.h)."""
@@ -185,26 +207,14 @@ def estimate(det_out: Tensor, det_lse: Tensor, pilot_max: Tensor, moments: Tenso
     pilot_scale = torch.exp(pilot_max - shift)
 
     p = pilot_count.to(f64).clamp(min=1.0)
-    bessel = torch.where(pilot_count > 1, p / (p - 1.0).clamp(min=1.0), torch.zeros_like(p))
     n_r = n_residual.to(f64)
     mean_w = moments[..., 0].to(f64) / p
-    mean_w2 = moments[..., 1].to(f64) / p
-    mean_w2_norm2 = moments[..., 2].to(f64) / p
     mean_wv = vector_moments[..., 0, :].to(f64) / p[..., None]
-    mean_w2v = vector_moments[..., 1, :].to(f64) / p[..., None]
-
     z_hat = z_det + n_r * mean_w * pilot_scale
     n_hat = z_det[..., None] * det_out.to(f64) + (n_r * pilot_scale)[..., None] * mean_wv
     o_hat = n_hat / z_hat.clamp(min=torch.finfo(f64).tiny)[..., None]
-
-    scale2 = pilot_scale ** 2 * bessel
-    var_w = (mean_w2 - mean_w ** 2) * scale2
-    trace_wv = (mean_w2_norm2 - (mean_wv ** 2).sum(-1)) * scale2
-    centred_mean = mean_wv - o_hat * mean_w[..., None]
-    trace_ratio = (mean_w2_norm2 - 2.0 * (o_hat * mean_w2v).sum(-1)
-                   + (o_hat ** 2).sum(-1) * mean_w2 - (centred_mean ** 2).sum(-1)) * scale2
-    return ResidualEstimate(z_hat, n_hat, o_hat, var_w.clamp(min=0.0), trace_wv.clamp(min=0.0),
-                            trace_ratio.clamp(min=0.0))
+    return ResidualEstimate(z_hat, n_hat, o_hat,
+                            *pilot_spread(moments, vector_moments, pilot_count, pilot_scale, o_hat))
 
 
 def _clt_samples(z: float, n_residual: Tensor, trace: Tensor, tau: Tensor,

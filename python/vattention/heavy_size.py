@@ -22,7 +22,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .budget import ResidualEstimate
+from .budget import ResidualEstimate, pilot_spread
 from .config import Size, resolve_size, resolve_sizes
 
 Tensor = torch.Tensor
@@ -99,28 +99,16 @@ def candidate_estimate(det_out: Tensor, det_lse: Tensor, max_logit: Tensor, mome
     pilot_scale = torch.where(torch.isinf(max_logit) & (max_logit < 0),
                               torch.zeros_like(max_logit), torch.exp(max_logit - shift))
     p = pilot_count.to(f64).clamp(min=1.0)
-    bessel = torch.where(pilot_count > 1, p / (p - 1.0).clamp(min=1.0), torch.zeros_like(p))
     n_r = n_residual.to(f64)
-    mean_w = moments[..., 0] / p
-    mean_w2 = moments[..., 1] / p
-    mean_w2_norm2 = moments[..., 2] / p
-    mean_wv = vector_moments[..., 0, :] / p[..., None]
-    mean_w2v = vector_moments[..., 1, :] / p[..., None]
-
+    mean_w = moments[..., 0].to(f64) / p
+    mean_wv = vector_moments[..., 0, :].to(f64) / p[..., None]
     z_hat = z_det + n_r[0] * mean_w[0] * pilot_scale[0]
     n_hat = z_det[..., None] * det_out.to(f64) + (n_r[0] * pilot_scale[0])[..., None] * mean_wv[0]
     o_hat = n_hat / z_hat.clamp(min=torch.finfo(f64).tiny)[..., None]
-
-    scale2 = pilot_scale ** 2 * bessel
-    var_w = (mean_w2 - mean_w ** 2) * scale2
-    trace_wv = (mean_w2_norm2 - (mean_wv ** 2).sum(-1)) * scale2
-    centred_mean = mean_wv - o_hat * mean_w[..., None]
-    trace_ratio = (mean_w2_norm2 - 2.0 * (o_hat * mean_w2v).sum(-1)
-                   + (o_hat ** 2).sum(-1) * mean_w2 - (centred_mean ** 2).sum(-1)) * scale2
     count = moments.shape[0]
     return ResidualEstimate(z_hat.expand(count, *z_hat.shape), n_hat.expand(count, *n_hat.shape),
-                            o_hat.expand(count, *o_hat.shape), var_w.clamp(min=0.0),
-                            trace_wv.clamp(min=0.0), trace_ratio.clamp(min=0.0))
+                            o_hat.expand(count, *o_hat.shape),
+                            *pilot_spread(moments, vector_moments, pilot_count, pilot_scale, o_hat))
 
 
 def plan(required: Tensor, pilot_count: Tensor, n_residual: Tensor, heavy: Tensor,
