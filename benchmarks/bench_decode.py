@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vattention  # noqa: E402
+from launch_count import count_dispatches  # noqa: E402
 from naive_decode import naive_decode  # noqa: E402
+from vattention.key_summary import FORMATS as SUMMARY_FORMATS, build_key_summary  # noqa: E402
 from vattention.select import select_scores  # noqa: E402
 
 
@@ -116,29 +118,40 @@ def run(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     timer = Timer(device)
+    chosen = {name: value for name, value in (("heavy", args.heavy), ("base_rate", args.base_rate),
+                                              ("selector", args.selector)) if value is not None}
     cfg = vattention.VAttentionConfig(epsilon=args.epsilon, delta=args.delta, rule=args.rule,
-                                      heavy=args.heavy, base_rate=args.base_rate)
+                                      **chosen)
+    print(f"config: {cfg}")
     records = []
     for batch in args.batches:
         for length in args.contexts:
             q, k, v = make_inputs(batch, args.q_heads, args.kv_heads, length, args.dim, dtype,
                                   device)
             seed = torch.tensor([1234, 0], dtype=torch.int64, device=device)
+            # A cache keeps the selector's summary beside K: built once, not per step.
+            summary = (build_key_summary(k, cfg.selector) if cfg.selector in SUMMARY_FORMATS
+                       else None)
             q4 = q[:, :, None]
             dense = timer(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
                           args.repeats)
-            sparse = timer(lambda: vattention.decode(q, k, v, cfg, seed=seed), args.repeats)
+            sparse = timer(lambda: vattention.decode(q, k, v, cfg, seed=seed,
+                                                     key_summary=summary), args.repeats)
+            launches = count_dispatches(
+                lambda: vattention.decode(q, k, v, cfg, seed=seed, key_summary=summary))
             naive = timer(lambda: naive_decode(q, k, v, epsilon=args.epsilon, delta=args.delta,
-                                               heavy=args.heavy, base_rate=args.base_rate),
+                                               heavy=cfg.heavy, base_rate=cfg.base_rate),
                           args.repeats)
             lengths = torch.full((batch,), length, dtype=torch.int64, device=device)
             scale = 1.0 / math.sqrt(args.dim)
-            select_ms = timer(lambda: select_scores(q, k, lengths, scale, cfg.share_gqa),
-                              args.repeats)
+            select_ms = timer(lambda: select_scores(q, k, lengths, scale, cfg.share_gqa,
+                                                    cfg.selector, summary), args.repeats)
             stages = StageTimes(device)
             for _ in range(args.repeats):
-                vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages)
-            out, stats = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True)
+                vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages,
+                                  key_summary=summary)
+            out, stats = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True,
+                                           key_summary=summary)
             exact = F.scaled_dot_product_attention(q4.float(), k.float(), v.float(),
                                                    enable_gqa=True)[:, :, 0]
             error = ((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
@@ -152,13 +165,17 @@ def run(args):
                 "speedup_vs_dense": dense / sparse, "speedup_vs_naive": naive / sparse,
                 "dense_bandwidth_tbs": kv_bytes / dense / 1e9,
                 "density": float(stats["density"].float().mean()),
+                "relative_bytes": float(stats["relative_bytes"].float().mean()),
+                "launches_per_step": launches.total, "vattention_ops_per_step": launches.custom,
                 "max_rel_error": float(error), "stages_ms": stages.totals(args.repeats),
             })
             r = records[-1]
             print(f"B={batch:3d} N={length:7d}  dense {dense:8.3f} ms  vattention {sparse:8.3f} ms"
                   f"  naive {naive:8.3f} ms  x{r['speedup_vs_dense']:.2f} vs dense"
                   f"  x{r['speedup_vs_naive']:.2f} vs naive  density {r['density']:.3f}"
-                  f"  max err {r['max_rel_error']:.4f}  select_scores alone {select_ms:.3f} ms",
+                  f"  max err {r['max_rel_error']:.4f}  select_scores alone {select_ms:.3f} ms"
+                  f"  rel.bytes {r['relative_bytes']:.3f}  launches/step {launches.total}"
+                  f" ({launches.custom} vattention ops)",
                   flush=True)
             print("        stages (ms): " + "  ".join(
                 f"{name} {ms:.3f}" for name, ms in r["stages_ms"].items()), flush=True)
@@ -200,8 +217,11 @@ def main(argv=None):
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--rule", default="ratio")
-    parser.add_argument("--heavy", type=float, default=0.05)
-    parser.add_argument("--base-rate", type=float, default=0.05)
+    # Unset: VAttentionConfig's default (the recommended setting).
+    size = lambda x: int(x) if x.isdigit() else float(x)  # noqa: E731 (a count or a fraction)
+    parser.add_argument("--heavy", type=size, default=None)
+    parser.add_argument("--base-rate", type=size, default=None)
+    parser.add_argument("--selector", default=None, help="oracle, int4, ... (default: config's)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--json", default="benchmarks/results/decode.json")
