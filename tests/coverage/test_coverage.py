@@ -31,15 +31,22 @@ DEFAULT_PILOT = next(name for name, pilot in PILOTS.items()
 OTHER_PILOTS = [name for name in PILOTS if name != DEFAULT_PILOT]
 
 
-def assert_covered(coverage, delta, label):
-    heads = coverage.violations.numel()
-    total_allowed = binomial_upper(heads * coverage.trials, delta, FALSE_ALARM)
-    per_head_allowed = binomial_upper(coverage.trials, delta, FALSE_ALARM / heads)
-    total = int(coverage.violations.sum())
+def assert_violations_covered(violations, trials, delta, label):
+    """violations [heads]: each head's violations in `trials` calls. The total and the worst
+    head within the binomial quantiles at rate delta (false-alarm level FALSE_ALARM, split
+    over the heads for the worst one)."""
+    heads = violations.numel()
+    total_allowed = binomial_upper(heads * trials, delta, FALSE_ALARM)
+    per_head_allowed = binomial_upper(trials, delta, FALSE_ALARM / heads)
+    total = int(violations.sum())
     assert total <= total_allowed, f"{label}: {total} violations > {total_allowed} allowed"
-    worst = int(coverage.violations.max())
+    worst = int(violations.max())
     assert worst <= per_head_allowed, (
-        f"{label}: a head violated {worst}/{coverage.trials} times > {per_head_allowed} allowed")
+        f"{label}: a head violated {worst}/{trials} times > {per_head_allowed} allowed")
+
+
+def assert_covered(coverage, delta, label):
+    assert_violations_covered(coverage.violations, coverage.trials, delta, label)
 
 
 @pytest.mark.slow
@@ -118,9 +125,11 @@ def smollm2_heads():
     return smollm2.capture_decode_attention(n_tokens=MODEL_TOKENS, positions=MODEL_POSITIONS)
 
 
-def measure_model(items, cfg, with_bytes=False):
-    results = [measure(it["q"][None], it["k"][None], it["v"][None], cfg, trials=MODEL_TRIALS,
-                       seed=i, scale=it["scale"]) for i, it in enumerate(items)]
+def measure_model(items, cfg, with_bytes=False, trials=MODEL_TRIALS, first_seed=0):
+    """Coverage of cfg on captured heads (records of vattention.models' captures), `trials`
+    seeds each: (violations, density[, relative_bytes]), one entry per query head."""
+    results = [measure(it["q"][None], it["k"][None], it["v"][None], cfg, trials=trials,
+                       seed=first_seed + i, scale=it["scale"]) for i, it in enumerate(items)]
     violations = torch.cat([c.violations for c in results])
     density = torch.cat([c.density for c in results])
     if with_bytes:
@@ -139,10 +148,7 @@ def test_verified_rules_keep_their_promise_on_smollm2(smollm2_heads, rule, epsil
     violations, density = measure_model(smollm2_heads, cfg)
     heads = violations.numel()
     assert heads == 30 * 9 * len(MODEL_POSITIONS)
-    total_allowed = binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")
     if rule == "ratio":
         # Honest coverage at a real saving: well under half of the K/V rows are read.
         assert float(density.mean()) < 0.5
@@ -158,10 +164,7 @@ def test_int4_selector_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delt
     violations, _, relative_bytes = measure_model(smollm2_heads, cfg, with_bytes=True)
     heads = violations.numel()
     assert heads == 30 * 9 * len(MODEL_POSITIONS)
-    total_allowed = binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")
     # What the summary is for: fewer bytes than the oracle, which reads all of K.
     oracle = cfg.replace(selector="oracle")
     _, _, oracle_bytes = measure_model(smollm2_heads[:6], oracle, with_bytes=True)
@@ -179,11 +182,7 @@ def test_pilot_settings_keep_the_promise_on_smollm2(smollm2_heads, epsilon, delt
     cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, epsilon=epsilon, delta=delta,
                            selector=selector, **PILOTS[pilot])
     violations, _ = measure_model(smollm2_heads, cfg)
-    heads = violations.numel()
-    total_allowed = binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")
 
 
 @pytest.mark.slow
@@ -236,16 +235,9 @@ def test_verified_rules_keep_their_promise_on_gemma3(gemma3_heads, rule, epsilon
     # VAttentionConfig(epsilon, delta) gets on a long-context model.
     cfg = VAttentionConfig(epsilon=epsilon, delta=delta, rule=rule, selector=selector)
     trials = GEMMA_TRIALS[rule]
-    results = [measure(it["q"][None], it["k"][None], it["v"][None], cfg, trials=trials,
-                       seed=100 + i, scale=it["scale"]) for i, it in enumerate(gemma3_heads)]
-    violations = torch.cat([c.violations for c in results])
-    density = torch.cat([c.density for c in results])
-    heads = violations.numel()
-    assert heads == 3 * 4 * len(GEMMA_POSITIONS)
-    total_allowed = binomial_upper(heads * trials, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed, (int(violations.sum()), total_allowed)
-    per_head_allowed = binomial_upper(trials, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    violations, density = measure_model(gemma3_heads, cfg, trials=trials, first_seed=100)
+    assert violations.numel() == 3 * 4 * len(GEMMA_POSITIONS)
+    assert_violations_covered(violations, trials, delta, f"{cfg}")
     if rule == "ratio" and epsilon == 0.1:
         # Not by reading everything: at (0.1, 0.1) the ratio rule samples (density 0.44 with
         # the oracle and 0.60 with int4 when this test was written; exact would be 1).

@@ -9,12 +9,13 @@ test_coverage.py's."""
 import pytest
 import torch
 
-from tests.coverage.test_coverage import (FALSE_ALARM, HEADS, MODEL_TRIALS, SELECTORS,
-                                          SETTINGS, TRIALS as FAMILY_TRIALS, assert_covered,
-                                          measure_model, smollm2_heads)
+from tests.coverage.test_coverage import (HEADS, MODEL_TRIALS, SELECTORS, SETTINGS,
+                                          TRIALS as FAMILY_TRIALS, assert_covered,
+                                          assert_violations_covered, measure_model,
+                                          smollm2_heads)
 from tests.helpers import requires_model
 from vattention.config import VAttentionConfig
-from vattention.coverage import FAMILIES, binomial_upper, measure, synthetic_heads
+from vattention.coverage import FAMILIES, measure, synthetic_heads
 
 KV_HEADS, GROUP, TRIALS = 2, 4, 160
 
@@ -54,10 +55,7 @@ def test_union_heavy_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delta)
     cfg = VAttentionConfig(sink=128, local=128, heavy=0.05, epsilon=epsilon, delta=delta,
                            selector="int4", gqa_heavy="union")
     violations, _ = measure_model(smollm2_heads, cfg)
-    heads = violations.numel()
-    assert int(violations.sum()) <= binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")
 
 
 # Nested candidates around the fixed default (5%): 1.25% ... 10% of n.
@@ -86,7 +84,4 @@ def test_adaptive_heavy_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, del
     cfg = VAttentionConfig(sink=128, local=128, heavy_candidates=ADAPTIVE, epsilon=epsilon,
                            delta=delta, selector="int4")
     violations, _ = measure_model(smollm2_heads, cfg)
-    heads = violations.numel()
-    assert int(violations.sum()) <= binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")

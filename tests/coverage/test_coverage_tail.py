@@ -4,14 +4,15 @@ Gemma-3-270M, for every selector; and it samples fewer tokens than the normal ta
 import pytest
 import torch
 
-from tests.coverage.test_coverage import (FALSE_ALARM, GEMMA_POSITIONS, HEADS, MODEL_POSITIONS,
+from tests.coverage.test_coverage import (GEMMA_POSITIONS, HEADS, MODEL_POSITIONS,
                                           MODEL_TRIALS, SELECTORS, SETTINGS, TRIALS,
-                                          assert_covered, measure_model, requires_gemma3)
+                                          assert_covered, assert_violations_covered,
+                                          measure_model, requires_gemma3)
 # The model fixtures: imported, pytest finds them in this module.
 from tests.coverage.test_coverage import gemma3_heads, smollm2_heads  # noqa: F401
 from tests.helpers import requires_model
 from vattention.config import VAttentionConfig
-from vattention.coverage import FAMILIES, binomial_upper, measure, synthetic_heads
+from vattention.coverage import FAMILIES, measure, synthetic_heads
 
 
 @pytest.mark.slow
@@ -51,10 +52,7 @@ def test_chi2_tail_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delta, s
     violations, density = measure_model(smollm2_heads, cfg)
     heads = violations.numel()
     assert heads == 30 * 9 * len(MODEL_POSITIONS)
-    total_allowed = binomial_upper(heads * MODEL_TRIALS, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed
-    per_head_allowed = binomial_upper(MODEL_TRIALS, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    assert_violations_covered(violations, MODEL_TRIALS, delta, f"{cfg}")
 
 
 @pytest.mark.slow
@@ -65,12 +63,6 @@ def test_chi2_tail_keeps_the_promise_on_smollm2(smollm2_heads, epsilon, delta, s
 def test_chi2_tail_keeps_the_promise_on_gemma3(gemma3_heads, epsilon, delta, selector):
     cfg = VAttentionConfig(epsilon=epsilon, delta=delta, selector=selector, tail="chi2")
     trials = 24
-    results = [measure(it["q"][None], it["k"][None], it["v"][None], cfg, trials=trials,
-                       seed=100 + i, scale=it["scale"]) for i, it in enumerate(gemma3_heads)]
-    violations = torch.cat([c.violations for c in results])
-    heads = violations.numel()
-    assert heads == 3 * 4 * len(GEMMA_POSITIONS)
-    total_allowed = binomial_upper(heads * trials, delta, FALSE_ALARM)
-    assert int(violations.sum()) <= total_allowed, (int(violations.sum()), total_allowed)
-    per_head_allowed = binomial_upper(trials, delta, FALSE_ALARM / heads)
-    assert int(violations.max()) <= per_head_allowed, int(violations.max())
+    violations, _ = measure_model(gemma3_heads, cfg, trials=trials, first_seed=100)
+    assert violations.numel() == 3 * 4 * len(GEMMA_POSITIONS)
+    assert_violations_covered(violations, trials, delta, f"{cfg}")
