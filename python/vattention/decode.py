@@ -218,12 +218,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
                                torch.zeros_like(n_residual))
 
     # Exact attention over the deterministic set.
-    sink_pos = torch.arange(sink_max, device=device)
-    sink_idx = torch.where(sink_pos[None, :] < sink[:, None], sink_pos[None, :], -1)
-    local_pos = torch.arange(local_max, device=device)
-    local_idx = torch.where(local_pos[None, :] < local[:, None],
-                            window_end[:, None] + local_pos[None, :], -1)
-    fixed_idx = torch.cat([sink_idx, local_idx], dim=1).to(torch.int32)
+    fixed_idx = _fixed_indices(sink, local, window_end, sink_max, local_max)
     det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
                          heavy_idx.view(batch, list_heads, heavy_width)], dim=2).contiguous()
     det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
@@ -309,8 +304,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     # The chi-square tail's pilot_dispersion reads the pilot's rows a second time.
     pilot_reads, pilot_read_counts = pilot_idx, pilot_counts
     if cfg.tail == "chi2":
-        slots = torch.arange(pilot_max, device=device)
-        valid = torch.where(slots[None, :] < pilot_counts[:, None], pilot_idx, -1)
+        valid = _within_count(pilot_idx, pilot_counts)
         pilot_reads = torch.cat([valid, valid], dim=1)
         pilot_read_counts = torch.full_like(pilot_counts, 2 * pilot_max)
     relative_bytes = _relative_bytes(cfg, k, lengths, heavy_max, det_idx, det_counts,
@@ -575,10 +569,7 @@ def _merge_heavy(heavy: Tensor, length: int) -> Tensor:
 
 def _valid_entries(indices: Tensor, counts: Tensor) -> Tensor:
     """Entries each list's kernel loads: the first `count`, skipping -1 padding. [rows]"""
-    indices = indices.reshape(counts.numel(), -1)
-    slots = torch.arange(indices.shape[1], device=indices.device)
-    inside = (slots[None, :] < counts.reshape(-1, 1)) & (indices >= 0)
-    return inside.sum(dim=1)
+    return (_within_count(indices.reshape(counts.numel(), -1), counts) >= 0).sum(dim=1)
 
 
 def _relative_bytes(cfg: VAttentionConfig, k: Tensor, lengths: Tensor, heavy_max: int,

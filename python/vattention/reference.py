@@ -167,6 +167,21 @@ def _candidate_budget(rule: str, epsilon: float, delta: float, n_r0: int, n_r: i
     raise ValueError(f"unknown rule {rule!r}")
 
 
+def _attend_list(out: Tensor, heads, logits, values: Tensor, deterministic: List[int],
+                 sample: List[int], weight: float) -> None:
+    """out[h] for each head of a list: attention over the deterministic positions (weight 1)
+    and the sample (each draw `weight`, a duplicate counting again), in out's dtype."""
+    positions = deterministic + sample
+    if not positions:
+        return
+    weights = torch.tensor([1.0] * len(deterministic) + [weight] * len(sample),
+                           dtype=out.dtype)
+    for h in heads:
+        s = logits[h][positions]
+        w = weights * torch.exp(s - s.max())
+        out[h] = (w[:, None] * values[positions]).sum(0) / w.sum()
+
+
 def _adaptive_list(cfg: VAttentionConfig, scores: Tensor, logits: Dict[int, Tensor],
                    values: Tensor, heads: List[int], sink: int, end: int, n: int, length: int,
                    seed: int, offset: int, row: int, out: Tensor) -> "ListTrace":
@@ -215,15 +230,7 @@ def _adaptive_list(cfg: VAttentionConfig, scores: Tensor, logits: Dict[int, Tens
     if reuse:
         sample = reused + sample
         weight = n_r / len(sample) if sample else 1.0
-    for h in heads:
-        positions = deterministic + sample
-        if not positions:
-            continue
-        weights = torch.tensor([1.0] * len(deterministic) + [weight] * len(sample),
-                               dtype=out.dtype)
-        s = logits[h][positions]
-        w = weights * torch.exp(s - s.max())
-        out[h] = (w[:, None] * values[positions]).sum(0) / w.sum()
+    _attend_list(out, heads, logits, values, deterministic, sample, weight)
     return ListTrace(deterministic, heavy, residual, pilot, sample, weight, required)
 
 
@@ -336,15 +343,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
             if reuse:
                 sample = (pilot + sample)[:wanted]
                 weight = n_r / len(sample) if sample else 1.0
-            for h in heads:
-                positions = deterministic + sample
-                if not positions:
-                    continue
-                weights = torch.tensor([1.0] * len(deterministic) + [weight] * len(sample),
-                                       dtype=dtype)
-                s = logits[h][positions]
-                p = weights * torch.exp(s - s.max())
-                out[b, h] = (p[:, None] * v[b, kv, positions]).sum(0) / p.sum()
+            _attend_list(out[b], heads, logits, v[b, kv], deterministic, sample, weight)
             row_traces.append(ListTrace(deterministic, heavy, residual, pilot, sample, weight,
                                         required))
         traces.append(row_traces)
