@@ -87,7 +87,7 @@ def run_model(name, records, args, dtype):
     for eps, delta in SETTINGS:
         for selector in SELECTORS:
             cfg = VAttentionConfig(epsilon=eps, delta=delta, selector=selector,
-                                   **getattr(args, "config", {}))
+                                   **(config or {}))
             t0 = time.time()
             viol = dens = rbytes = 0.0
             worst = 0.0
@@ -195,12 +195,12 @@ class MatchedMethods:
         return (out, {}) if return_stats else out
 
 
-def kl_methods(selectors, settings):
+def kl_methods(selectors, settings, config=None):
     methods, labels = [("dense",)], ["dense"]
     for eps, delta in settings:
         for selector in selectors:
             cfg = VAttentionConfig(epsilon=eps, delta=delta, selector=selector,
-                                   **getattr(args, "config", {}))
+                                   **(config or {}))
             of = len(methods)
             methods.append(("vattention", cfg))
             labels.append(f"vattention {selector} ({eps},{delta})")
@@ -218,7 +218,7 @@ def next_token_kl(n, args, elem, log=print):
 
     model, tokenizer = gemma3.load_gemma3(torch.float32)
     ids = gemma3.token_ids(tokenizer, n + args.kl_steps + 1)
-    methods, labels = kl_methods(SELECTORS, SETTINGS)
+    methods, labels = kl_methods(SELECTORS, SETTINGS, args.config)
     count = len(methods)
     t0 = time.time()
     cache = gemma3.prefill(model, ids[:n])

@@ -170,6 +170,19 @@ struct KeySource {
   }
 };
 
+// hist[bin] += 1 for every lane of the warp with `valid`, one shared-memory atomic per
+// distinct bin. Real log-probability scores put most of a row into a handful of top-digit
+// bins (random scores spread them out and hide it), and 32 lanes adding to one bin
+// serialise 32 atomics. Every lane of the warp must call it (a warp-uniform loop).
+__device__ __forceinline__ void warp_histogram_add(uint32_t* hist, uint32_t bin, bool valid) {
+  const unsigned active = __ballot_sync(kFullMask, valid);
+  if (active == 0) return;
+  const unsigned peers = __match_any_sync(kFullMask, valid ? bin : 0xffffffffu) & active;
+  if (valid && int(threadIdx.x & 31) == __ffs(int(peers)) - 1) {
+    atomicAdd(&hist[bin], unsigned(__popc(peers)));
+  }
+}
+
 // Exclusive prefix sum over the block (kSelectTopkThreads threads).
 __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t x, uint32_t* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -274,10 +287,8 @@ select_topk_kernel(const SelectTopkParams p, const int cluster_size) {
 #pragma unroll
       for (int u = 0; u < kLoadUnroll; ++u) {
         const int64_t i = base + int64_t(u) * kSelectTopkThreads + tid;
-        if (i < n) {
-          if (kCached) select_topk_key_cache[i] = keys[u];
-          atomicAdd(&sh.hist[0][keys[u] >> 21], 1u);
-        }
+        if (kCached && i < n) select_topk_key_cache[i] = keys[u];
+        warp_histogram_add(sh.hist[0], keys[u] >> 21, i < n);
       }
     }
     uint32_t k_rem = uint32_t(k);
@@ -292,9 +303,11 @@ select_topk_kernel(const SelectTopkParams p, const int cluster_size) {
       const int nbins = pass == 1 ? 2048 : 1024;
       for (int b = tid; b < kBins; b += kSelectTopkThreads) sh.hist[buf][b] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kSelectTopkThreads) {
-        const uint32_t x = key(i);
-        if ((x & mask) == prefix) atomicAdd(&sh.hist[buf][(x >> shift) & uint32_t(nbins - 1)], 1u);
+      for (int64_t base = 0; base < n; base += kSelectTopkThreads) {
+        const int64_t i = base + tid;
+        const uint32_t x = i < n ? key(i) : 0u;
+        warp_histogram_add(sh.hist[buf], (x >> shift) & uint32_t(nbins - 1),
+                           i < n && (x & mask) == prefix);
       }
       prefix |= pick_digit(sh, cl, buf, nbins, &k_rem) << shift;
       mask |= uint32_t(nbins - 1) << shift;
@@ -409,16 +422,27 @@ cudaError_t select_topk_dispatch(const SelectTopkParams& p, cudaStream_t stream)
   if (err != cudaSuccess) return err;
   bool use_clusters = false;
   if ((err = radix_clusters_usable<T>(dev, &use_clusters)) != cudaSuccess) return err;
+  // Cluster size: enough blocks to fill the GPU twice over (to_fill), no chunk under
+  // kMinChunk keys (by_length), and then at least enough blocks that a chunk's keys fit
+  // the shared-memory cache (to_cache): an uncached row re-reads its scores from HBM in
+  // every radix pass. Example, H100 (132 SMs, ~160 KiB of cache per block), 128 rows of
+  // 131072 scores (batch 16, shared GQA lists): to_fill = 3 gives 175 KiB chunks that miss
+  // the cache, to_cache = 4 gives 128 KiB chunks that fit, so the cluster is 4.
+  const int64_t cache_limit =
+      std::min<int64_t>(kMaxCachedBytes, int64_t(dev.max_smem_optin) - kSharedBytes - 1024);
   int cluster = 1;
   if (use_clusters) {
     const int64_t to_fill = ceil_div(2 * int64_t(dev.num_sms), p.rows);
     const int64_t by_length = ceil_div(p.length, kMinChunk);
-    cluster = int(std::max<int64_t>(1, std::min<int64_t>({to_fill, by_length, kMaxCluster})));
+    const int64_t to_cache =
+        cache_limit > 0 ? ceil_div(p.length * int64_t(sizeof(uint32_t)), cache_limit) : 1;
+    int64_t size = std::min<int64_t>(to_fill, by_length);
+    if (to_cache <= kMaxCluster) size = std::max<int64_t>(size, to_cache);
+    cluster = int(std::max<int64_t>(1, std::min<int64_t>(size, kMaxCluster)));
   }
   for (;;) {
     const int64_t cache_bytes = ceil_div(p.length, cluster) * int64_t(sizeof(uint32_t));
-    const int64_t limit =
-        std::min<int64_t>(kMaxCachedBytes, int64_t(dev.max_smem_optin) - kSharedBytes - 1024);
+    const int64_t limit = cache_limit;
     err = cache_bytes <= limit ? launch_select_topk<T, true>(p, cluster, int(cache_bytes), dev, stream)
                                : launch_select_topk<T, false>(p, cluster, 0, dev, stream);
     if (err == cudaSuccess || cluster == 1) return err;

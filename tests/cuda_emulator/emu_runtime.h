@@ -152,7 +152,16 @@ inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) {
   return bits;
 }
 
+// The lanes whose value equals this lane's.
+inline unsigned __match_any_sync(unsigned /*mask*/, unsigned value) {
+  const uint64_t* all = emu::warp_exchange(value);
+  unsigned bits = 0;
+  for (int i = 0; i < 32; ++i) bits |= unsigned(all[i] == value) << i;
+  return bits;
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __uint_as_float(unsigned u) { return emu::from_bits<float>(u); }
 inline unsigned __float_as_uint(float f) { return unsigned(emu::to_bits(f)); }
 inline float __expf(float x) { return expf(x); }
