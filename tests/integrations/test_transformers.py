@@ -1,10 +1,11 @@
 """attn_implementation="vattention" on SmolLM2 (needs the ``models`` extra, see README)."""
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from tests.helpers import requires_model
+from tests.helpers import cuda_only, no_sync, requires_model
 import vattention
 from vattention import VAttentionConfig
 from vattention.models import capture, smollm2
@@ -227,3 +228,80 @@ def test_bad_configuration(model, vt):
         vt.configure(torch.nn.Linear(2, 2), SMALL)
     with pytest.raises(ValueError, match="epsilon"):
         VAttentionConfig(epsilon=2.0)
+
+
+def _static_steps(model, vt, prompt, steps, cuda_graphs, device="cpu", capture=True,
+                  record=True, replay_guard=contextlib.nullcontext):
+    """Greedy steps on a StaticCache: through vt.DecodeGraph (cuda_graphs) or plain forward
+    calls with the same 4D mask and positions. Returns (logits [steps, vocab], stats or None).
+    replay_guard() wraps the steps after the first two (DecodeGraph's eager and capture
+    calls): the replays."""
+    from transformers import StaticCache
+
+    prompt = prompt.to(device)
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 2)
+    with torch.no_grad():
+        token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+    graph = vt.DecodeGraph(model, cache, batch=1, capture=capture) if cuda_graphs else None
+    logits = []
+    with (vt.collect_stats(model, keys=("exact",)) if record
+          else contextlib.nullcontext()) as stats:
+        for t in range(steps):
+            position = prompt.shape[1] + t
+            if graph is not None:
+                with replay_guard() if t >= 2 else contextlib.nullcontext():
+                    step = graph.step(token, position)
+            else:
+                mask = (torch.arange(cache.get_max_length(), device=device) <= position)
+                with torch.no_grad():
+                    step = model(input_ids=token[:, None], position_ids=torch.tensor(
+                                     [[position]], device=device),
+                                 cache_position=torch.tensor([position], device=device),
+                                 past_key_values=cache, attention_mask=mask[None, None, None],
+                                 use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits.append(step)
+            token = step.argmax(-1)
+    return torch.cat(logits), stats
+
+
+def test_cuda_graph_mode_draws_what_host_seeds_draw(model, vt, ids):
+    """configure(cuda_graphs=True): the seed pair advances in a device tensor and lengths
+    come from the mask on the device, yet every step samples exactly what the host-seeded
+    step samples (same (seed, layer, step) pairs, same lengths): equal logits."""
+    cfg = SMALL.replace(epsilon=0.2, delta=0.2)
+    prompt = ids[:, :200]
+    vt.configure(model, cfg, seed=5)
+    host, _ = _static_steps(model, vt, prompt, 4, cuda_graphs=False)
+    vt.configure(model, cfg, seed=5, cuda_graphs=True)
+    device, stats = _static_steps(model, vt, prompt, 4, cuda_graphs=True)
+    assert not bool(torch.stack([stats.stack("exact", layer) for layer in stats.layers]).all()), \
+        "no layer sampled: the comparison would not see the seeds"
+    assert torch.equal(device, host)
+    # The seeds do matter: another seed gives other draws, hence other logits.
+    vt.configure(model, cfg, seed=6, cuda_graphs=True)
+    other, _ = _static_steps(model, vt, prompt, 4, cuda_graphs=True)
+    assert not torch.equal(other, host)
+
+
+def test_decode_graph_rejects_an_unprepared_model(model, vt):
+    from transformers import StaticCache
+
+    vt.configure(model, SMALL, seed=0)
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        vt.DecodeGraph(model, StaticCache(config=model.config, max_cache_len=16), batch=1)
+
+
+@cuda_only
+def test_decode_graph_replays_the_eager_steps_on_cuda(model, vt, ids):
+    """A whole decode step (all 30 layers) captured once and replayed with new tokens,
+    seeds and lengths gives the eager steps' logits, with no host sync in a replay."""
+    gpu_model = copy.deepcopy(model).to("cuda")
+    cfg = SMALL.replace(epsilon=0.2, delta=0.2)
+    prompt = ids[:, :300]
+    vt.configure(gpu_model, cfg, seed=3, cuda_graphs=True)
+    eager, _ = _static_steps(gpu_model, vt, prompt, 6, cuda_graphs=True, device="cuda",
+                             capture=False, record=False)
+    vt.configure(gpu_model, cfg, seed=3, cuda_graphs=True)
+    replayed, _ = _static_steps(gpu_model, vt, prompt, 6, cuda_graphs=True, device="cuda",
+                                record=False, replay_guard=no_sync)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)

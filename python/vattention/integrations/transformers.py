@@ -73,7 +73,10 @@ prefill-style passes); attention dropout, logit softcapping (a ``softcap`` argum
 module's ``attn_logit_softcapping``), attention sinks / ``s_aux`` and position biases are
 rejected on decode steps of the layers that run vattention; reading the mask on the host makes the
 step unsuitable for CUDA-graph capture or ``torch.compile(fullgraph=True)`` when a mask is
-present (no padding and a dynamic cache: no mask, no host read). The module needs only
+present (no padding and a dynamic cache: no mask, no host read), unless
+``configure(..., cuda_graphs=True)``: then seeds and lengths stay on the device and
+``DecodeGraph`` captures a whole decode step (every layer) on a static cache and replays it
+with new tokens, seeds and lengths. The module needs only
 transformers' public attention and mask interfaces; on CUDA it runs the extension's CUDA
 kernels like ``vattention.decode`` itself does.
 """
@@ -125,10 +128,40 @@ def register() -> None:
 class _Shared:
     """State shared by all layers of one model: the seed, stats recorders, the mask cache."""
 
-    def __init__(self, seed: Optional[int] = None):
+    def __init__(self, seed: Optional[int] = None, cuda_graphs: bool = False):
         self.seed = seed
+        self.cuda_graphs = cuda_graphs
         self.recorders: List["DecodeStats"] = []
         self._mask_cache: Optional[tuple] = None
+        self._lengths_cache: Optional[tuple] = None
+
+    def device_lengths(self, mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
+        """cuda_graphs mode: each row's valid length from the mask, on the device (no host
+        read, so a step can be captured). Every row must see a prefix [0, n) of the cache,
+        as a static cache without padding gives; outside capture that is checked on the
+        device (torch._assert_async)."""
+        if mask is None:
+            return None
+        cached = self._lengths_cache
+        # One analysis per forward pass; a reused mask buffer (DecodeGraph) bumps its version.
+        key = (batch, length, _version(mask))
+        if cached is not None and cached[0] is mask and cached[1] == key:
+            return cached[2]
+        if mask.dim() != 4 or mask.shape[-1] < length or mask.shape[0] not in (1, batch):
+            raise ValueError(f"vattention: the attention mask of a decode step must be "
+                             f"[batch, heads, 1, kv_length] covering batch {batch} x {length} "
+                             f"keys, got {tuple(mask.shape)}")
+        last = mask[:, 0, -1, :length]
+        valid = last if mask.dtype == torch.bool else last == 0
+        valid = valid.expand(batch, length)
+        lengths = valid.sum(-1)
+        if not _capturing(mask.device):
+            prefix = torch.arange(length, device=mask.device)[None, :] < lengths[:, None]
+            torch._assert_async((valid == prefix).all(),
+                                "vattention (cuda_graphs=True): every row of a decode step must "
+                                "see a prefix of the cache (no left padding, no holes)")
+        self._lengths_cache = (mask, key, lengths)
+        return lengths
 
     def key_ranges(self, mask: Optional[Tensor], batch: int, length: int) -> "KeyRanges":
         if mask is None:
@@ -142,6 +175,10 @@ class _Shared:
         ranges = key_ranges(mask, batch, length)
         self._mask_cache = (mask, version, (batch, length), ranges)
         return ranges
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _version(t: Tensor) -> int:
@@ -161,9 +198,27 @@ class _LayerState:
     # (rows beyond summary_rows are unwritten) so that appending a token copies nothing.
     summary: Optional[Any] = None
     summary_rows: int = 0
+    # cuda_graphs mode: the [seed, step] pair of the next decode step as a device tensor,
+    # advanced in place after each step, so that a captured step replays with new draws.
+    rng: Optional[Tensor] = None
 
     def drop_summary(self) -> None:
         self.summary, self.summary_rows = None, 0
+
+    def device_seed(self, device: torch.device) -> Optional[Tensor]:
+        """cuda_graphs mode: this step's [seed, offset] device tensor (layer_seed's values),
+        or None for torch's generator (whose CUDA draws are graph-safe already)."""
+        if self.shared.seed is None:
+            return None
+        if self.rng is None or self.rng.device != device:
+            if _capturing(device):
+                raise RuntimeError(
+                    "vattention (cuda_graphs=True): run one decode step eagerly after each "
+                    "prefill before capturing (it creates the layer's seed tensor and key "
+                    "summary, which a graph must not re-create on every replay)")
+            self.rng = torch.tensor(layer_seed(self.shared.seed, self.layer, self.step),
+                                    dtype=torch.int64).to(device)
+        return self.rng
 
     def seed_for_step(self) -> Optional[tuple]:
         """(seed, offset) of this decode step, or None (torch's generator); advances the step."""
@@ -290,7 +345,7 @@ def _resolve(config: LayerConfigs, layers: Sequence[int]) -> Dict[int, LayerEntr
 
 
 def configure(model: torch.nn.Module, config: LayerConfigs = _DEFAULT, *,
-              seed: Optional[int] = None) -> torch.nn.Module:
+              seed: Optional[int] = None, cuda_graphs: bool = False) -> torch.nn.Module:
     """Switches ``model`` to ``attn_implementation="vattention"`` and sets what each layer runs.
 
     config: a ``VAttentionConfig`` for every layer (default ``VAttentionConfig()``), ``None``
@@ -300,6 +355,12 @@ def configure(model: torch.nn.Module, config: LayerConfigs = _DEFAULT, *,
         ``None`` (dense) or an object with a ``decode`` method like ``vattention.decode``'s.
     seed: ``None`` (torch's generator) or an int in [0, 2^63): every sample is then a
         function of ``(seed, layer, step)``.
+    cuda_graphs: decode steps read nothing on the host, so that a whole step can be captured
+        in a CUDA graph and replayed (see ``DecodeGraph``): the seed pair lives in a device
+        tensor per layer, advanced in place, and each row's length comes from the mask on the
+        device. Rows must then see a prefix of the cache (a static cache, no left padding),
+        and stats cannot be collected inside a captured step. The draws are the same as
+        without it.
 
     Resets every layer's step counter. Returns the model.
     """
@@ -318,7 +379,7 @@ def configure(model: torch.nn.Module, config: LayerConfigs = _DEFAULT, *,
         if is_sliding(module):
             entries[layer] = None  # the window is short: dense is what it should run
     old = [getattr(m, _STATE_ATTR, None) for m in modules.values()]
-    shared = _Shared(seed)
+    shared = _Shared(seed, cuda_graphs)
     # Recorders of a collect_stats block in progress keep recording.
     for state in old:
         if state is not None:
@@ -367,6 +428,8 @@ def reset_steps(model: torch.nn.Module) -> None:
     """Restarts every layer's step counter (the seed offset) at 0."""
     for state in _attach(model).values():
         state.step = 0
+        if state.rng is not None:
+            state.rng[1:].zero_()  # in place: a captured graph keeps reading this tensor
 
 
 def reset_summaries(model: torch.nn.Module) -> None:
@@ -573,6 +636,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if query.shape[2] != 1 or state.entry is None or kwargs.get("sliding_window"):
         if query.shape[2] != 1:
             state.step = 0  # a new prompt: seeds restart at step 0
+            if state.rng is not None:
+                state.rng[1:].zero_()
             state.drop_summary()  # and a new cache (or new rows): rebuilt at the next step
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -594,9 +659,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         scaling = getattr(module, "scaling", None)
     batch, length = query.shape[0], key.shape[2]
     q = query[:, :, 0]
+    recording = bool(state.shared.recorders)
+    if state.shared.cuda_graphs:
+        return _graph_step(state, q, key, value, attention_mask, scaling, recording, query.dtype)
     ranges = state.shared.key_ranges(attention_mask, batch, length)
     seed = state.seed_for_step()
-    recording = bool(state.shared.recorders)
     summary = None
     if _uses_summary(state.entry):
         ends = (ranges.seq_lens if ranges.starts is None
@@ -624,6 +691,107 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         for recorder in state.shared.recorders:
             recorder.record(state.layer, stats)
     return out.to(query.dtype).unsqueeze(1), None
+
+
+def _graph_step(state: _LayerState, q: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Optional[Tensor], scaling, recording: bool, dtype):
+    """A decode step of configure(cuda_graphs=True): the same decode call with its seed and
+    lengths on the device, nothing read on the host."""
+    if recording and _capturing(q.device):
+        raise RuntimeError("vattention: collect_stats cannot record inside a captured CUDA "
+                           "graph (its stats would be overwritten by every replay)")
+    seq_lens = state.shared.device_lengths(attention_mask, q.shape[0], key.shape[2])
+    seed = state.device_seed(key.device)
+    state.step += 1
+    summary = _sync_summary(state, key, seq_lens) if _uses_summary(state.entry) else None
+    result = _run(state.entry, q, key, value, seq_lens, scaling, seed, recording, summary)
+    if seed is not None:
+        seed[1:].add_(1)  # after the samplers read it, on the same stream
+    out, stats = result if recording else (result, None)
+    if recording:
+        for recorder in state.shared.recorders:
+            recorder.record(state.layer, stats)
+    return out.to(dtype).unsqueeze(1), None
+
+
+class DecodeGraph:
+    """One decode step of a whole model (every layer) as a replayable unit: static input
+    buffers, a static cache, and on CUDA a captured graph.
+
+        vt.configure(model, VAttentionConfig(epsilon=0.05), seed=0, cuda_graphs=True)
+        graph = vt.DecodeGraph(model, cache, batch=B)     # cache: a filled StaticCache
+        logits = graph.step(next_tokens, position)        # [B, vocab]; replays on CUDA
+
+    ``cache`` is a ``transformers.StaticCache`` holding the prompt (rows [0, position) of
+    every batch row). ``step(tokens [B], position)`` writes the token at cache row
+    ``position`` (an int, or a device int64 tensor [1] for a fully device-side loop), runs
+    the model on it and returns the last-token logits (a fresh tensor). The first call runs
+    eagerly (it creates the per-layer seeds and key summaries), the second captures the
+    graph on CUDA, every later call only updates the buffers in place and replays. On the
+    CPU every call runs eagerly through the same buffers: the same computation, so CPU
+    tests check what a GPU replays (``capture=False`` runs every step eagerly on CUDA too).
+    The mask is a 4D bool buffer passed to the model as a
+    prepared mask, so transformers builds none and reads nothing on the host. Models
+    whose layers need different masks (sliding windows) are not supported.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, batch: int, capture: bool = True):
+        state = next(iter(_attach(model).values()), None)
+        if state is None or not state.shared.cuda_graphs:
+            raise ValueError("vattention: DecodeGraph needs configure(model, ..., "
+                             "cuda_graphs=True) first")
+        if any(t in _SLIDING_TYPES for t in getattr(model.config, "layer_types", None) or ()):
+            raise ValueError("vattention: DecodeGraph supports models with one mask for every "
+                             "layer; this model has sliding-window layers")
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.device = device
+        length = (cache.get_max_length() if hasattr(cache, "get_max_length")
+                  else cache.max_cache_len)
+        if not isinstance(length, int) or length <= 0:
+            raise ValueError("vattention: DecodeGraph needs a fixed-size cache "
+                             "(transformers.StaticCache)")
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
+        self._arange = torch.arange(length, device=device)
+        self.logits: Optional[Tensor] = None
+        self.graph = None
+        self.capture = capture and device.type == "cuda"   # False: every step eager
+        self.calls = 0
+
+    def _set_inputs(self, tokens: Tensor, position) -> None:
+        self.ids.copy_(tokens.reshape(-1, 1))
+        if isinstance(position, Tensor):
+            self.position.copy_(position.reshape(1))
+        else:
+            self.position.fill_(int(position))
+        self.position_ids.copy_(self.position.expand_as(self.position_ids))
+        self.mask.copy_(torch.le(self._arange, self.position).expand_as(self.mask))
+
+    def _forward(self) -> Tensor:
+        out = self.model(input_ids=self.ids, position_ids=self.position_ids,
+                         cache_position=self.position, past_key_values=self.cache,
+                         attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def step(self, tokens: Tensor, position) -> Tensor:
+        """Logits [B, vocab] of the token at cache row `position` (see the class)."""
+        with torch.no_grad():
+            self._set_inputs(tokens.to(self.device), position)
+            self.calls += 1
+            if not self.capture or self.calls == 1:
+                return self._forward().clone()
+            if self.graph is None:
+                # Capture replays what it records: undo nothing, the captured step IS this
+                # call's step (its cache row and seeds are this call's).
+                torch.cuda.synchronize(self.device)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._forward()
+            self.graph.replay()
+            return self.logits.clone()
 
 
 # --------------------------------------------------------------------------- stats
