@@ -8,6 +8,11 @@ top-k's uncached path and the split balance of the attention kernel show. Each r
 times the stages of one decode step apart (select_scores, select_topk, attend, pilot,
 budget, sample, combine; CUDA events around each, so their sum exceeds the step's time by
 the events' overhead) and select_scores on its own (the op that reads all of K).
+Each shape runs every selector of --selectors (default: the config's default, then
+"oracle", i.e. exact selection) against dense SDPA and SDPA's FlashAttention backend
+measured in the same run; each row gives launches per step (benchmarks/launch_count.py),
+relative bytes and bytes per step, and on CUDA the step captured in a CUDA graph
+(vattention_graph_ms: the same step without launch overhead).
 Prints a table, writes JSON (--json) and a PNG of speedup over dense vs context (--plot).
 Times are medians of CUDA-event timings on the named device; compare ratios, not
 absolute times, across machines. The inputs are synthetic heads with moderately
@@ -114,72 +119,129 @@ class StageTimes:
         return out
 
 
+def flash_decode_ms(timer, q4, k, v, repeats):
+    """SDPA restricted to its FlashAttention backend (the FlashAttention-style decode a
+    serving stack runs), or None where that backend refuses the inputs (CPU, fp32)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return timer(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+                         repeats)
+    except (RuntimeError, ImportError):
+        return None
+
+
+def graph_decode_ms(timer, step, repeats, device):
+    """One decode step captured in a CUDA graph and replayed: the step without its launch
+    overhead (None on the CPU, or the capture's error message)."""
+    if device.type != "cuda":
+        return None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return timer(graph.replay, repeats)
+    except RuntimeError as error:
+        return f"capture failed: {error}"
+
+
 def run(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     timer = Timer(device)
-    chosen = {name: value for name, value in (("heavy", args.heavy), ("base_rate", args.base_rate),
-                                              ("selector", args.selector)) if value is not None}
-    cfg = vattention.VAttentionConfig(epsilon=args.epsilon, delta=args.delta, rule=args.rule,
-                                      **chosen)
-    print(f"config: {cfg}")
+    chosen = {name: value for name, value in (("heavy", args.heavy), ("base_rate", args.base_rate))
+              if value is not None}
+    base = vattention.VAttentionConfig(epsilon=args.epsilon, delta=args.delta, rule=args.rule,
+                                       **chosen)
+    selectors = args.selectors or [base.selector, "oracle"]
     records = []
     for batch in args.batches:
         for length in args.contexts:
             q, k, v = make_inputs(batch, args.q_heads, args.kv_heads, length, args.dim, dtype,
                                   device)
-            seed = torch.tensor([1234, 0], dtype=torch.int64, device=device)
-            # A cache keeps the selector's summary beside K: built once, not per step.
-            summary = (build_key_summary(k, cfg.selector) if cfg.selector in SUMMARY_FORMATS
-                       else None)
             q4 = q[:, :, None]
             dense = timer(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
                           args.repeats)
-            sparse = timer(lambda: vattention.decode(q, k, v, cfg, seed=seed,
-                                                     key_summary=summary), args.repeats)
-            launches = count_dispatches(
-                lambda: vattention.decode(q, k, v, cfg, seed=seed, key_summary=summary))
-            naive = timer(lambda: naive_decode(q, k, v, epsilon=args.epsilon, delta=args.delta,
-                                               heavy=cfg.heavy, base_rate=cfg.base_rate),
-                          args.repeats)
-            lengths = torch.full((batch,), length, dtype=torch.int64, device=device)
-            scale = 1.0 / math.sqrt(args.dim)
-            select_ms = timer(lambda: select_scores(q, k, lengths, scale, cfg.share_gqa,
-                                                    cfg.selector, summary), args.repeats)
-            stages = StageTimes(device)
-            for _ in range(args.repeats):
-                vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages,
-                                  key_summary=summary)
-            out, stats = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True,
-                                           key_summary=summary)
-            exact = F.scaled_dot_product_attention(q4.float(), k.float(), v.float(),
-                                                   enable_gqa=True)[:, :, 0]
-            error = ((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
-            kv_bytes = 2 * k.numel() * k.element_size()
-            records.append({
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "batch": batch, "context": length, "q_heads": args.q_heads,
-                "kv_heads": args.kv_heads, "head_dim": args.dim, "dtype": args.dtype,
-                "dense_ms": dense, "vattention_ms": sparse, "naive_ms": naive,
-                "select_scores_ms": select_ms,
-                "speedup_vs_dense": dense / sparse, "speedup_vs_naive": naive / sparse,
-                "dense_bandwidth_tbs": kv_bytes / dense / 1e9,
-                "density": float(stats["density"].float().mean()),
-                "relative_bytes": float(stats["relative_bytes"].float().mean()),
-                "launches_per_step": launches.total, "vattention_ops_per_step": launches.custom,
-                "max_rel_error": float(error), "stages_ms": stages.totals(args.repeats),
-            })
-            r = records[-1]
-            print(f"B={batch:3d} N={length:7d}  dense {dense:8.3f} ms  vattention {sparse:8.3f} ms"
-                  f"  naive {naive:8.3f} ms  x{r['speedup_vs_dense']:.2f} vs dense"
-                  f"  x{r['speedup_vs_naive']:.2f} vs naive  density {r['density']:.3f}"
-                  f"  max err {r['max_rel_error']:.4f}  select_scores alone {select_ms:.3f} ms"
-                  f"  rel.bytes {r['relative_bytes']:.3f}  launches/step {launches.total}"
-                  f" ({launches.custom} vattention ops)",
-                  flush=True)
-            print("        stages (ms): " + "  ".join(
-                f"{name} {ms:.3f}" for name, ms in r["stages_ms"].items()), flush=True)
+            flash = flash_decode_ms(timer, q4, k, v, args.repeats)
+            for selector in dict.fromkeys(selectors):
+                records.append(run_one(args, base.replace(selector=selector), q, k, v, dense,
+                                       flash, timer, device))
     return records
+
+
+def run_one(args, cfg, q, k, v, dense, flash, timer, device):
+    """One (shape, config) row: vattention against dense SDPA measured once per shape."""
+    batch, length = q.shape[0], k.shape[2]
+    seed = torch.tensor([1234, 0], dtype=torch.int64, device=device)
+    # A cache keeps the selector's summary beside K: built once, not per step.
+    summary = (build_key_summary(k, cfg.selector) if cfg.selector in SUMMARY_FORMATS
+               else None)
+    q4 = q[:, :, None]
+    sparse = timer(lambda: vattention.decode(q, k, v, cfg, seed=seed,
+                                             key_summary=summary), args.repeats)
+    graphed = graph_decode_ms(
+        timer, lambda: vattention.decode(q, k, v, cfg, seed=seed, key_summary=summary),
+        args.repeats, device)
+    launches = count_dispatches(
+        lambda: vattention.decode(q, k, v, cfg, seed=seed, key_summary=summary))
+    naive = timer(lambda: naive_decode(q, k, v, epsilon=args.epsilon, delta=args.delta,
+                                       heavy=cfg.heavy, base_rate=cfg.base_rate),
+                  args.repeats)
+    lengths = torch.full((batch,), length, dtype=torch.int64, device=device)
+    scale = 1.0 / math.sqrt(args.dim)
+    select_ms = timer(lambda: select_scores(q, k, lengths, scale, cfg.share_gqa,
+                                            cfg.selector, summary), args.repeats)
+    stages = StageTimes(device)
+    for _ in range(args.repeats):
+        vattention.decode(q, k, v, cfg, seed=seed, stage_timer=stages,
+                          key_summary=summary)
+    out, stats = vattention.decode(q, k, v, cfg, seed=seed, return_stats=True,
+                                   key_summary=summary)
+    exact = F.scaled_dot_product_attention(q4.float(), k.float(), v.float(),
+                                           enable_gqa=True)[:, :, 0]
+    error = ((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+    kv_bytes = 2 * k.numel() * k.element_size()
+    relative_bytes = float(stats["relative_bytes"].float().mean())
+    r = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": batch, "context": length, "q_heads": args.q_heads,
+        "kv_heads": args.kv_heads, "head_dim": args.dim, "dtype": args.dtype,
+        "selector": cfg.selector, "config": repr(cfg),
+        "dense_ms": dense, "flash_ms": flash, "vattention_ms": sparse,
+        "vattention_graph_ms": graphed, "naive_ms": naive,
+        "select_scores_ms": select_ms,
+        "speedup_vs_dense": dense / sparse, "speedup_vs_naive": naive / sparse,
+        "dense_bandwidth_tbs": kv_bytes / dense / 1e9,
+        "density": float(stats["density"].float().mean()),
+        "relative_bytes": relative_bytes,
+        # What the kernels read in one step (the dense step reads kv_bytes).
+        "bytes_per_step": relative_bytes * kv_bytes, "dense_bytes_per_step": kv_bytes,
+        "launches_per_step": launches.total, "vattention_ops_per_step": launches.custom,
+        "max_rel_error": float(error), "stages_ms": stages.totals(args.repeats),
+    }
+    extra = "" if flash is None else f"  flash {flash:8.3f} ms"
+    if isinstance(graphed, float):
+        extra += f"  graphed {graphed:8.3f} ms (x{dense / graphed:.2f} vs dense)"
+    elif graphed is not None:
+        extra += f"  graph: {graphed[:60]}"
+    print(f"B={batch:3d} N={length:7d} {cfg.selector:7s} dense {dense:8.3f} ms{extra}"
+          f"  vattention {sparse:8.3f} ms  naive {naive:8.3f} ms"
+          f"  x{r['speedup_vs_dense']:.2f} vs dense  x{r['speedup_vs_naive']:.2f} vs naive"
+          f"  density {r['density']:.3f}  max err {r['max_rel_error']:.4f}"
+          f"  select_scores alone {select_ms:.3f} ms  rel.bytes {relative_bytes:.3f}"
+          f" ({r['bytes_per_step'] / 1e6:.1f} of {kv_bytes / 1e6:.1f} MB)"
+          f"  launches/step {launches.total} ({launches.custom} vattention ops)",
+          flush=True)
+    print("        stages (ms): " + "  ".join(
+        f"{name} {ms:.3f}" for name, ms in r["stages_ms"].items()), flush=True)
+    return r
 
 
 def plot(records, path):
@@ -221,7 +283,9 @@ def main(argv=None):
     size = lambda x: int(x) if x.isdigit() else float(x)  # noqa: E731 (a count or a fraction)
     parser.add_argument("--heavy", type=size, default=None)
     parser.add_argument("--base-rate", type=size, default=None)
-    parser.add_argument("--selector", default=None, help="oracle, int4, ... (default: config's)")
+    parser.add_argument("--selectors", type=lambda s: s.split(","), default=None,
+                        help="comma-separated selectors, each a row per shape (default: the "
+                             "config's default, then oracle: exact selection)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--json", default="benchmarks/results/decode.json")
