@@ -25,20 +25,54 @@ void check_int32_vector(const at::Tensor& t, const char* name, int64_t rows, con
   TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
 }
 
+KVPaging kv_paging(const c10::optional<at::Tensor>& block_table, int64_t batch,
+                   int64_t block_size, const at::Tensor& like) {
+  KVPaging paging{};
+  if (!block_table.has_value()) return paging;
+  const at::Tensor& t = *block_table;
+  TORCH_CHECK(t.scalar_type() == at::kInt, "vattention: block_table must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch,
+              "vattention: block_table must be [batch, max_blocks] with batch ", batch, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "vattention: block_table must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1,
+              "vattention: block_table must be contiguous along max_blocks");
+  TORCH_CHECK(block_size > 0, "vattention: a paged cache (block_table given) needs a block size "
+              "(dim 2 of the pool) > 0, got ", block_size);
+  paging.block_table = t.numel() > 0 ? t.data_ptr<int32_t>() : nullptr;
+  paging.block_table_stride = t.stride(0);
+  paging.block_size = block_size;
+  return paging;
+}
+
+int64_t paged_length(const at::Tensor& block_table, int64_t block_size) {
+  const int64_t n = block_table.size(1) * block_size;
+  TORCH_CHECK(n < (int64_t(1) << 31) - 1, "vattention: block_table.size(1) * block_size (", n,
+              ") must be < 2^31 - 1");
+  return n;
+}
+
 namespace {
 
-// The q/K part of QKVParams: q [B, Hq, D], k [B, Hkv, N, D], Hq % Hkv == 0, one dtype and
-// device, contiguous head_dim. Shared by the ops that read V too and select_scores.
-QKVParams qk_params(const at::Tensor& q, const at::Tensor& k, double scale) {
+// The q/K part of QKVParams: q [B, Hq, D], k [B, Hkv, N, D] (or a paged pool with
+// block_table), Hq % Hkv == 0, one dtype and device, contiguous head_dim. Shared by the ops
+// that read V too and select_scores.
+QKVParams qk_params(const at::Tensor& q, const at::Tensor& k, double scale,
+                    const c10::optional<at::Tensor>& block_table) {
   TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
+  TORCH_CHECK(k.dim() == 4,
+              block_table.has_value()
+                  ? "vattention: k must be [num_blocks, kv_heads, block_size, head_dim], got "
+                  : "vattention: k must be [batch, kv_heads, length, head_dim], got ",
               k.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "vattention: q and k must share a dtype, got ",
               q.scalar_type(), " and ", k.scalar_type());
   TORCH_CHECK(k.device() == q.device(), "vattention: q and k must be on one device, got ",
               q.device(), " and ", k.device());
-  TORCH_CHECK(k.size(0) == q.size(0), "vattention: k has batch ", k.size(0), " but q has ",
-              q.size(0));
+  TORCH_CHECK(block_table.has_value() || k.size(0) == q.size(0), "vattention: k has batch ",
+              k.size(0), " but q has ", q.size(0));
   TORCH_CHECK(k.size(3) == q.size(2), "vattention: k has head_dim ", k.size(3), " but q has ",
               q.size(2));
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "vattention: q_heads (", q.size(1),
@@ -56,7 +90,8 @@ QKVParams qk_params(const at::Tensor& q, const at::Tensor& k, double scale) {
   p.batch = q.size(0);
   p.q_heads = q.size(1);
   p.kv_heads = k.size(1);
-  p.length = k.size(2);
+  p.paging = kv_paging(block_table, q.size(0), k.size(2), q);
+  p.length = block_table.has_value() ? paged_length(*block_table, k.size(2)) : k.size(2);
   p.head_dim = q.size(2);
   p.dtype = element_type(q, "q");
   p.scale = float(scale);
@@ -65,9 +100,13 @@ QKVParams qk_params(const at::Tensor& q, const at::Tensor& k, double scale) {
 
 }  // namespace
 
-QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     const c10::optional<at::Tensor>& block_table) {
   TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, length, head_dim], got ",
+  TORCH_CHECK(k.dim() == 4,
+              block_table.has_value()
+                  ? "vattention: k must be [num_blocks, kv_heads, block_size, head_dim], got "
+                  : "vattention: k must be [batch, kv_heads, length, head_dim], got ",
               k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "vattention: v must have k's shape ", k.sizes(), ", got ",
               v.sizes());
@@ -79,7 +118,7 @@ QKVParams qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               ", ", v.device());
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "vattention: the head_dim of q, k and v must be contiguous");
-  QKVParams p = qk_params(q, k, scale);
+  QKVParams p = qk_params(q, k, scale, block_table);
   p.v = v.data_ptr();
   p.v_batch_stride = v.stride(0);
   p.v_head_stride = v.stride(1);
@@ -130,9 +169,10 @@ IndexListParams index_list_params(const QKVParams& qkv, const at::Tensor& q,
 PilotDispersionParams pilot_dispersion_params(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& v, const at::Tensor& indices,
                                               const at::Tensor& counts, double scale,
-                                              const at::Tensor& center) {
+                                              const at::Tensor& center,
+                                              const c10::optional<at::Tensor>& block_table) {
   PilotDispersionParams p{};
-  p.qkv = qkv_params(q, k, v, scale);
+  p.qkv = qkv_params(q, k, v, scale, block_table);
   p.list = index_list_params(p.qkv, q, indices, counts, c10::nullopt);
   TORCH_CHECK(center.scalar_type() == at::kFloat, "vattention: center must be float32, got ",
               center.scalar_type());
@@ -272,9 +312,10 @@ void set_lengths(SelectScoresParams* p, const at::Tensor& q, const at::Tensor& l
 }  // namespace
 
 SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& lengths, double scale, bool share_gqa) {
+                                        const at::Tensor& lengths, double scale, bool share_gqa,
+                                        const c10::optional<at::Tensor>& block_table) {
   SelectScoresParams p{};
-  p.qkv = qk_params(q, k, scale);
+  p.qkv = qk_params(q, k, scale, block_table);
   TORCH_CHECK(q.size(1) > 0, "vattention: q_heads (0) must be a positive multiple of kv_heads (",
               k.size(1), ")");
   set_lengths(&p, q, lengths);
@@ -286,12 +327,19 @@ SelectScoresParams select_scores_params(const at::Tensor& q, const at::Tensor& k
 
 KeySummaryParams key_summary_params(const at::Tensor& codes, const at::Tensor& params,
                                     int64_t batch, int64_t kv_heads, int64_t dim,
-                                    const at::Tensor& like) {
+                                    const at::Tensor& like, bool paged) {
   TORCH_CHECK(dim > 0 && dim % kSummaryGroup == 0,
               "vattention: the key summary needs a head_dim that is a multiple of ",
               kSummaryGroup, ", got ", dim);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "vattention: codes must be uint8, got ",
               codes.scalar_type());
+  if (paged) {
+    TORCH_CHECK(codes.dim() == 4 && codes.size(1) == kv_heads && codes.size(3) == dim / 2,
+                "vattention: a paged codes must be [num_blocks, kv_heads, block_size, "
+                "head_dim / 2] = [num_blocks, ", kv_heads, ", block_size, ", dim / 2, "], got ",
+                codes.sizes());
+    batch = codes.size(0);  // the pool's blocks stand where batch rows would
+  }
   TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(1) == kv_heads &&
                   codes.size(3) == dim / 2,
               "vattention: codes must be [batch, kv_heads, length, head_dim / 2] = [", batch, ", ",
@@ -324,7 +372,8 @@ KeySummaryParams key_summary_params(const at::Tensor& codes, const at::Tensor& p
 }
 
 SummarizeKeysParams summarize_keys_params(const at::Tensor& k, const at::Tensor& codes,
-                                          const at::Tensor& params, const at::Tensor& row_begin) {
+                                          const at::Tensor& params, const at::Tensor& row_begin,
+                                          const c10::optional<at::Tensor>& block_table) {
   TORCH_CHECK(k.dim() == 4, "vattention: k must be [batch, kv_heads, rows, head_dim], got ",
               k.sizes());
   TORCH_CHECK(k.size(3) == 0 || k.stride(3) == 1, "vattention: the head_dim of k must be contiguous");
@@ -339,7 +388,9 @@ SummarizeKeysParams summarize_keys_params(const at::Tensor& k, const at::Tensor&
   p.qkv.q_heads = k.size(1);
   p.qkv.length = k.size(2);
   p.qkv.head_dim = k.size(3);
-  p.summary = key_summary_params(codes, params, k.size(0), k.size(1), k.size(3), k);
+  const bool paged = block_table.has_value();
+  p.summary = key_summary_params(codes, params, k.size(0), k.size(1), k.size(3), k, paged);
+  p.summary.paging = kv_paging(block_table, k.size(0), codes.size(2), k);
   TORCH_CHECK(row_begin.scalar_type() == at::kLong, "vattention: row_begin must be int64, got ",
               row_begin.scalar_type());
   TORCH_CHECK(row_begin.dim() == 1 && row_begin.size(0) == k.size(0),
@@ -349,14 +400,15 @@ SummarizeKeysParams summarize_keys_params(const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(row_begin.is_contiguous(), "vattention: row_begin must be contiguous");
   p.row_begin = row_begin.data_ptr<int64_t>();
   p.rows = k.size(2);
-  p.summary_length = codes.size(2);
+  p.summary_length = paged ? paged_length(*block_table, codes.size(2)) : codes.size(2);
   return p;
 }
 
 SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::Tensor& codes,
                                                 const at::Tensor& params,
                                                 const at::Tensor& lengths, double scale,
-                                                bool share_gqa) {
+                                                bool share_gqa,
+                                                const c10::optional<at::Tensor>& block_table) {
   TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
   TORCH_CHECK(q.stride(2) == 1, "vattention: the head_dim of q must be contiguous");
   TORCH_CHECK(codes.dim() == 4, "vattention: codes must be [batch, kv_heads, length, head_dim / 2], got ",
@@ -365,7 +417,11 @@ SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::T
   TORCH_CHECK(kv_heads > 0 && q.size(1) > 0 && q.size(1) % kv_heads == 0, "vattention: q_heads (",
               q.size(1), ") must be a positive multiple of kv_heads (", kv_heads, ")");
   SelectScoresParams p{};
-  p.summary = key_summary_params(codes, params, q.size(0), kv_heads, q.size(2), q);
+  const bool paged = block_table.has_value();
+  p.summary = key_summary_params(codes, params, q.size(0), kv_heads, q.size(2), q, paged);
+  // K's table pages the summary; qkv carries it too (qkv.k stays null, K is not read).
+  p.summary.paging = kv_paging(block_table, q.size(0), codes.size(2), q);
+  p.qkv.paging = p.summary.paging;
   p.from_summary = true;
   p.qkv.q = q.data_ptr();
   p.qkv.k = nullptr;
@@ -374,7 +430,7 @@ SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::T
   p.qkv.batch = q.size(0);
   p.qkv.q_heads = q.size(1);
   p.qkv.kv_heads = kv_heads;
-  p.qkv.length = codes.size(2);
+  p.qkv.length = paged ? paged_length(*block_table, codes.size(2)) : codes.size(2);
   p.qkv.head_dim = q.size(2);
   p.qkv.dtype = element_type(q, "q");
   p.qkv.scale = float(scale);
@@ -382,6 +438,289 @@ SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::T
   p.share_gqa = share_gqa;
   p.num_splits = 0;
   return p;
+}
+
+}  // namespace vattention::binding
+
+// ---------------------------------------------------------------------------
+// plan_budget (stage "budget", budget.h).
+// ---------------------------------------------------------------------------
+namespace vattention::binding {
+namespace {
+
+void check_budget_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                        at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == dtype, "vattention: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "vattention: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "vattention: ", name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
+}
+
+}  // namespace
+
+BudgetParams budget_estimate_params(const at::Tensor& det_out, const at::Tensor& det_lse,
+                                    const at::Tensor& pilot_max_logit, const at::Tensor& moments,
+                                    const at::Tensor& vector_moments,
+                                    const at::Tensor& pilot_counts, const at::Tensor& n_residual) {
+  TORCH_CHECK(det_out.dim() == 3, "vattention: det_out must be [batch, q_heads, head_dim], got ",
+              det_out.sizes());
+  const int64_t batch = det_out.size(0), q_heads = det_out.size(1), dim = det_out.size(2);
+  check_budget_input(det_out, "det_out", det_out.sizes(), at::kFloat, det_out);
+  check_budget_input(det_lse, "det_lse", {batch, q_heads}, at::kFloat, det_out);
+  check_budget_input(pilot_max_logit, "pilot_max_logit", {batch, q_heads}, at::kFloat, det_out);
+  check_budget_input(moments, "moments", {batch, q_heads, kBudgetMoments}, at::kFloat, det_out);
+  check_budget_input(vector_moments, "vector_moments", {batch, q_heads, 2, dim}, at::kFloat,
+                     det_out);
+  TORCH_CHECK(pilot_counts.dim() == 1, "vattention: pilot_counts must be [batch * list_heads], "
+              "got ", pilot_counts.sizes());
+  const int64_t lists = pilot_counts.size(0);
+  const int64_t list_heads = batch > 0 ? lists / batch : 0;
+  TORCH_CHECK(batch > 0 ? (lists % batch == 0 && list_heads > 0 && q_heads % list_heads == 0)
+                        : lists == 0,
+              "vattention: pilot_counts must hold batch * list_heads entries with q_heads (",
+              q_heads, ") a multiple of list_heads, got ", lists, " for batch ", batch);
+  check_budget_input(pilot_counts, "pilot_counts", {lists}, at::kInt, det_out);
+  check_budget_input(n_residual, "n_residual", {lists}, at::kLong, det_out);
+  BudgetParams p{};
+  p.det_out = det_out.data_ptr<float>();
+  p.det_lse = det_lse.data_ptr<float>();
+  p.pilot_max_logit = pilot_max_logit.data_ptr<float>();
+  p.moments = moments.data_ptr<float>();
+  p.vector_moments = vector_moments.data_ptr<float>();
+  p.pilot_counts = pilot_counts.data_ptr<int32_t>();
+  p.n_residual = n_residual.data_ptr<int64_t>();
+  p.lists = lists;
+  p.group = list_heads > 0 ? q_heads / list_heads : 1;
+  p.head_dim = dim;
+  return p;
+}
+
+BudgetParams plan_budget_params(const at::Tensor& det_out, const at::Tensor& det_lse,
+                                const at::Tensor& pilot_max_logit, const at::Tensor& moments,
+                                const at::Tensor& vector_moments, const at::Tensor& pilot_counts,
+                                const at::Tensor& n_residual,
+                                const c10::optional<at::Tensor>& dispersion,
+                                const c10::optional<at::Tensor>& chi2_table,
+                                const std::string& rule, double epsilon, double z,
+                                double tail_dim_shrink, int64_t min_samples, bool reuse_pilot) {
+  BudgetParams p = budget_estimate_params(det_out, det_lse, pilot_max_logit, moments,
+                                          vector_moments, pilot_counts, n_residual);
+  const int64_t batch = det_out.size(0), q_heads = det_out.size(1);
+  if (rule == "ratio") {
+    p.rule = BudgetRule::kRatio;
+  } else if (rule == "paper") {
+    p.rule = BudgetRule::kPaper;
+  } else if (rule == "denominator") {
+    p.rule = BudgetRule::kDenominator;
+  } else {
+    TORCH_CHECK(false, "vattention: rule must be ratio, paper or denominator, got '", rule, "'");
+  }
+  TORCH_CHECK(dispersion.has_value() == chi2_table.has_value(),
+              "vattention: dispersion and chi2_table go together (the chi-square tail), got ",
+              dispersion.has_value() ? "dispersion only" : "chi2_table only");
+  if (dispersion.has_value()) {
+    TORCH_CHECK(p.rule == BudgetRule::kRatio,
+                "vattention: the chi-square tail (dispersion) applies to the ratio rule only, "
+                "not ", rule);
+    check_budget_input(*dispersion, "dispersion", {batch, q_heads, kBudgetDispersion}, at::kFloat,
+                       det_out);
+    const at::Tensor& table = *chi2_table;
+    TORCH_CHECK(table.dim() == 1 && table.size(0) > 0,
+                "vattention: chi2_table must be a non-empty [dims] tensor, got ", table.sizes());
+    check_budget_input(table, "chi2_table", table.sizes(), at::kDouble, det_out);
+    p.dispersion = dispersion->data_ptr<float>();
+    p.chi2_table = table.data_ptr<double>();
+    p.chi2_dims = table.size(0);
+  }
+  TORCH_CHECK(std::isfinite(epsilon) && epsilon > 0, "vattention: epsilon must be a positive "
+              "finite float, got ", epsilon);
+  // z is Phi^-1(1 - delta) for the denominator rule: 0 at delta = 0.5, negative above.
+  TORCH_CHECK(std::isfinite(z), "vattention: z must be a finite float, got ", z);
+  TORCH_CHECK(std::isfinite(tail_dim_shrink) && tail_dim_shrink > 0,
+              "vattention: tail_dim_shrink must be a positive finite float, got ", tail_dim_shrink);
+  TORCH_CHECK(min_samples >= 0, "vattention: min_samples must be >= 0, got ", min_samples);
+  p.epsilon = epsilon;
+  p.z = z;
+  p.tail_dim_shrink = tail_dim_shrink;
+  p.min_samples = double(min_samples);
+  p.reuse_pilot = reuse_pilot;
+  return p;
+}
+
+}  // namespace vattention::binding
+
+// ---------------------------------------------------------------------------
+// plan_lists (stage "plan", plan.h) and merge_estimate (stage "combine", combine.h).
+// ---------------------------------------------------------------------------
+namespace vattention::binding {
+namespace {
+
+void check_plain_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                       at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == dtype, "vattention: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "vattention: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "vattention: ", name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
+}
+
+}  // namespace
+
+PlanListsOutputs plan_lists_params(PlanListsParams* p, const at::Tensor& q,
+                                   const c10::optional<at::Tensor>& lengths, int64_t length,
+                                   int64_t list_heads, at::ArrayRef<double> sizes,
+                                   const c10::List<bool>& fractions, int64_t sink_max,
+                                   int64_t local_max, int64_t heavy_max) {
+  TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
+  const int64_t batch = q.size(0);
+  *p = PlanListsParams{};
+  if (lengths.has_value()) {
+    const at::Tensor& t = *lengths;
+    TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+                "vattention: lengths must be int64 or int32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "vattention: lengths must have shape [",
+                batch, "], got ", t.sizes());
+    TORCH_CHECK(t.device() == q.device(), "vattention: lengths must be on ", q.device(),
+                ", got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), "vattention: lengths must be contiguous");
+    if (t.scalar_type() == at::kLong) {
+      p->lengths64 = t.data_ptr<int64_t>();
+    } else {
+      p->lengths32 = t.data_ptr<int32_t>();
+    }
+  }
+  TORCH_CHECK(length >= 0 && length < (int64_t(1) << 31),
+              "vattention: length must lie in [0, 2^31), got ", length);
+  TORCH_CHECK(list_heads >= 1, "vattention: list_heads must be >= 1, got ", list_heads);
+  TORCH_CHECK(sizes.size() == size_t(kPlanSizes) && fractions.size() == size_t(kPlanSizes),
+              "vattention: sizes and fractions must hold 4 entries (sink, local, heavy, "
+              "base_rate), got ", sizes.size(), " and ", fractions.size());
+  static const char* names[kPlanSizes] = {"sink", "local", "heavy", "base_rate"};
+  for (int i = 0; i < kPlanSizes; ++i) {
+    const double s = sizes[i];
+    const bool fraction = fractions.get(i);
+    if (fraction) {
+      TORCH_CHECK(s >= 0.0 && s <= 1.0, "vattention: sizes[", i, "] (", names[i],
+                  ") as a fraction must lie in [0, 1], got ", s);
+    } else {
+      TORCH_CHECK(s >= 0.0 && s < 9.0e15 && s == std::floor(s), "vattention: sizes[", i, "] (",
+                  names[i], ") as a count must be an integer >= 0, got ", s);
+    }
+    p->sizes[i] = s;
+    p->fractions[i] = fraction;
+  }
+  TORCH_CHECK(sink_max >= 0 && local_max >= 0 && heavy_max >= 0 &&
+                  sink_max + local_max + heavy_max < (int64_t(1) << 31),
+              "vattention: sink_max, local_max and heavy_max must be >= 0 with a sum below "
+              "2^31, got ", sink_max, ", ", local_max, ", ", heavy_max);
+  p->length = length;
+  p->batch = batch;
+  p->list_heads = list_heads;
+  p->sink_max = sink_max;
+  p->local_max = local_max;
+  p->heavy_max = heavy_max;
+  const int64_t lists = batch * list_heads;
+  const auto i64 = q.options().dtype(at::kLong);
+  const auto i32 = q.options().dtype(at::kInt);
+  PlanListsOutputs out{at::empty({batch}, i64),
+                       at::empty({batch}, i64),
+                       at::empty({batch}, i64),
+                       at::empty({batch}, i64),
+                       at::empty({batch}, i64),
+                       at::empty({lists}, i32),
+                       at::empty({lists}, i32),
+                       at::empty({lists}, i32),
+                       at::empty({lists}, i32),
+                       at::empty({lists}, i64),
+                       at::empty({batch, list_heads, p->width()}, i32),
+                       at::empty({batch, list_heads}, i32)};
+  p->lengths_out = std::get<0>(out).data_ptr<int64_t>();
+  p->sink = std::get<1>(out).data_ptr<int64_t>();
+  p->local = std::get<2>(out).data_ptr<int64_t>();
+  p->window_end = std::get<3>(out).data_ptr<int64_t>();
+  p->heavy = std::get<4>(out).data_ptr<int64_t>();
+  p->starts_rows = std::get<5>(out).data_ptr<int32_t>();
+  p->ends_rows = std::get<6>(out).data_ptr<int32_t>();
+  p->heavy_rows = std::get<7>(out).data_ptr<int32_t>();
+  p->pilot_wanted = std::get<8>(out).data_ptr<int32_t>();
+  p->n_residual = std::get<9>(out).data_ptr<int64_t>();
+  p->det_idx = std::get<10>(out).data_ptr<int32_t>();
+  p->det_counts = std::get<11>(out).data_ptr<int32_t>();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_estimate_params(
+    MergeEstimateParams* p, const at::Tensor& det_out, const at::Tensor& det_lse,
+    const c10::optional<at::Tensor>& extra_out, const c10::optional<at::Tensor>& extra_lse,
+    const at::Tensor& sample_out, const at::Tensor& sample_lse, const at::Tensor& sample_counts,
+    const c10::optional<at::Tensor>& reused, const at::Tensor& pilot_max_logit,
+    const at::Tensor& moments, const at::Tensor& vector_moments,
+    const at::Tensor& n_residual_heads, at::ScalarType out_dtype) {
+  TORCH_CHECK(det_out.dim() == 3, "vattention: det_out must be [batch, q_heads, head_dim], got ",
+              det_out.sizes());
+  const int64_t batch = det_out.size(0), q_heads = det_out.size(1), dim = det_out.size(2);
+  check_plain_input(det_out, "det_out", det_out.sizes(), at::kFloat, det_out);
+  check_plain_input(det_lse, "det_lse", {batch, q_heads}, at::kFloat, det_out);
+  TORCH_CHECK(extra_out.has_value() == extra_lse.has_value(),
+              "vattention: extra_out and extra_lse go together, got ",
+              extra_out.has_value() ? "extra_out only" : "extra_lse only");
+  *p = MergeEstimateParams{};
+  if (extra_out.has_value()) {
+    check_plain_input(*extra_out, "extra_out", det_out.sizes(), at::kFloat, det_out);
+    check_plain_input(*extra_lse, "extra_lse", {batch, q_heads}, at::kFloat, det_out);
+    p->extra_out = extra_out->data_ptr<float>();
+    p->extra_lse = extra_lse->data_ptr<float>();
+  }
+  check_plain_input(sample_out, "sample_out", det_out.sizes(), at::kFloat, det_out);
+  check_plain_input(sample_lse, "sample_lse", {batch, q_heads}, at::kFloat, det_out);
+  TORCH_CHECK(sample_counts.dim() == 1, "vattention: sample_counts must be [batch * list_heads], "
+              "got ", sample_counts.sizes());
+  const int64_t lists = sample_counts.size(0);
+  const int64_t list_heads = batch > 0 ? lists / batch : 0;
+  TORCH_CHECK(batch > 0 ? (lists % batch == 0 && list_heads > 0 && q_heads % list_heads == 0)
+                        : lists == 0,
+              "vattention: sample_counts must hold batch * list_heads entries with q_heads (",
+              q_heads, ") a multiple of list_heads, got ", lists, " for batch ", batch);
+  check_plain_input(sample_counts, "sample_counts", {lists}, at::kInt, det_out);
+  if (reused.has_value()) {
+    check_plain_input(*reused, "reused", {lists}, at::kInt, det_out);
+    p->reused = reused->data_ptr<int32_t>();
+  }
+  check_plain_input(pilot_max_logit, "pilot_max_logit", {batch, q_heads}, at::kFloat, det_out);
+  TORCH_CHECK(moments.scalar_type() == at::kFloat || moments.scalar_type() == at::kDouble,
+              "vattention: moments must be float32 or float64, got ", moments.scalar_type());
+  check_plain_input(moments, "moments", {batch, q_heads, 3}, moments.scalar_type(), det_out);
+  check_plain_input(vector_moments, "vector_moments", {batch, q_heads, 2, dim},
+                    moments.scalar_type(), det_out);
+  check_plain_input(n_residual_heads, "n_residual_heads", {batch, q_heads}, at::kLong, det_out);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "vattention: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  p->det_out = det_out.data_ptr<float>();
+  p->det_lse = det_lse.data_ptr<float>();
+  p->sample_out = sample_out.data_ptr<float>();
+  p->sample_lse = sample_lse.data_ptr<float>();
+  p->sample_counts = sample_counts.data_ptr<int32_t>();
+  p->pilot_max_logit = pilot_max_logit.data_ptr<float>();
+  p->moments = moments.data_ptr();
+  p->vector_moments = vector_moments.data_ptr();
+  p->stats_double = moments.scalar_type() == at::kDouble;
+  p->n_residual_heads = n_residual_heads.data_ptr<int64_t>();
+  p->lists = lists;
+  p->group = list_heads > 0 ? q_heads / list_heads : 1;
+  p->head_dim = dim;
+  at::Tensor out = at::empty(det_out.sizes(), det_out.options().dtype(out_dtype));
+  at::Tensor lse = at::empty({batch, q_heads}, det_out.options());
+  p->out_dtype = out_dtype == at::kFloat  ? DType::kFloat32
+                 : out_dtype == at::kHalf ? DType::kFloat16
+                                          : DType::kBFloat16;
+  p->out = out.data_ptr();
+  p->lse = lse.data_ptr<float>();
+  return {out, lse};
 }
 
 }  // namespace vattention::binding

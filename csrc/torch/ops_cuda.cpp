@@ -77,11 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cuda_op(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
-    const at::Tensor& counts, double scale) {
+    const at::Tensor& counts, double scale, const c10::optional<at::Tensor>& block_table) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   PilotParams p{};
-  p.qkv = qkv_params(q, k, v, scale);
+  p.qkv = qkv_params(q, k, v, scale, block_table);
   p.list = index_list_params(p.qkv, q, indices, counts, c10::nullopt);
   check_head_dim(p.qkv.head_dim);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -105,10 +105,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
 at::Tensor pilot_dispersion_cuda_op(const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const at::Tensor& indices,
                                    const at::Tensor& counts, double scale,
-                                   const at::Tensor& center) {
+                                   const at::Tensor& center,
+                                   const c10::optional<at::Tensor>& block_table) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  PilotDispersionParams p = pilot_dispersion_params(q, k, v, indices, counts, scale, center);
+  PilotDispersionParams p =
+      pilot_dispersion_params(q, k, v, indices, counts, scale, center, block_table);
   check_head_dim(p.qkv.head_dim);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dispersion = at::empty({p.qkv.batch, p.qkv.q_heads, kDispersionOutputs}, f32);
@@ -131,11 +133,11 @@ void launch_combine(const at::Tensor& partial_out, const at::Tensor& partial_lse
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
-    int64_t num_splits) {
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   SparseAttentionParams p{};
-  p.qkv = qkv_params(q, k, v, scale);
+  p.qkv = qkv_params(q, k, v, scale, block_table);
   p.list = index_list_params(p.qkv, q, indices, counts, log_weights);
   check_head_dim(p.qkv.head_dim);
   TORCH_CHECK(num_splits >= 0, "vattention: num_splits must be >= 0 (0 = automatic), got ",
@@ -191,11 +193,14 @@ at::Tensor run_select_scores(SelectScoresParams p, const at::Tensor& q) {
   return scores;
 }
 
+// Paged (block_table given): the table's ids are not read here (no sync); they must be
+// valid blocks of the pool for every row read, as in vLLM / FlashInfer.
 at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& lengths, double scale, bool share_gqa) {
+                                const at::Tensor& lengths, double scale, bool share_gqa,
+                                const c10::optional<at::Tensor>& block_table) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  return run_select_scores(select_scores_params(q, k, lengths, scale, share_gqa), q);
+  return run_select_scores(select_scores_params(q, k, lengths, scale, share_gqa, block_table), q);
 }
 
 // Writes the summary rows in place; row_begin stays on the device (positions outside
@@ -203,20 +208,22 @@ at::Tensor select_scores_cuda_op(const at::Tensor& q, const at::Tensor& k,
 // Any head dim that is a multiple of 32 (checked by summarize_keys_params): the kernel
 // is not instantiated per head dim.
 void summarize_keys_cuda_op(const at::Tensor& k, const at::Tensor& codes, const at::Tensor& params,
-                            const at::Tensor& row_begin) {
+                            const at::Tensor& row_begin,
+                            const c10::optional<at::Tensor>& block_table) {
   check_cuda(k, "k");
   const c10::cuda::CUDAGuard guard(k.device());
-  const SummarizeKeysParams p = summarize_keys_params(k, codes, params, row_begin);
+  const SummarizeKeysParams p = summarize_keys_params(k, codes, params, row_begin, block_table);
   C10_CUDA_CHECK(summarize_keys_cuda(p, at::cuda::getCurrentCUDAStream()));
 }
 
 at::Tensor select_scores_summary_cuda_op(const at::Tensor& q, const at::Tensor& codes,
                                          const at::Tensor& params, const at::Tensor& lengths,
-                                         double scale, bool share_gqa) {
+                                         double scale, bool share_gqa,
+                                         const c10::optional<at::Tensor>& block_table) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   return run_select_scores(
-      select_scores_summary_params(q, codes, params, lengths, scale, share_gqa), q);
+      select_scores_summary_params(q, codes, params, lengths, scale, share_gqa, block_table), q);
 }
 
 }  // namespace
@@ -231,6 +238,111 @@ TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
   m.impl("select_scores", &select_scores_cuda_op);
   m.impl("summarize_keys", &summarize_keys_cuda_op);
   m.impl("select_scores_summary", &select_scores_summary_cuda_op);
+}
+
+}  // namespace vattention::binding
+
+// ---------------------------------------------------------------------------
+// plan_budget (stage "budget", budget.h): one launch, nothing read back.
+// ---------------------------------------------------------------------------
+namespace vattention::binding {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_budget_cuda_op(
+    const at::Tensor& det_out, const at::Tensor& det_lse, const at::Tensor& pilot_max_logit,
+    const at::Tensor& moments, const at::Tensor& vector_moments, const at::Tensor& pilot_counts,
+    const at::Tensor& n_residual, const c10::optional<at::Tensor>& dispersion,
+    const c10::optional<at::Tensor>& chi2_table, c10::string_view rule, double epsilon,
+    double z, double tail_dim_shrink, int64_t min_samples, bool reuse_pilot) {
+  TORCH_CHECK(det_out.is_cuda(), "vattention: det_out must be a CUDA tensor, got ",
+              det_out.device());
+  const c10::cuda::CUDAGuard guard(det_out.device());
+  BudgetParams p = plan_budget_params(det_out, det_lse, pilot_max_logit, moments,
+                                      vector_moments, pilot_counts, n_residual, dispersion,
+                                      chi2_table, std::string(rule), epsilon, z, tail_dim_shrink,
+                                      min_samples, reuse_pilot);
+  const int64_t batch = det_out.size(0), q_heads = det_out.size(1);
+  at::Tensor final_wanted = at::empty({p.lists}, det_out.options().dtype(at::kInt));
+  at::Tensor reused = at::empty({p.lists}, det_out.options().dtype(at::kInt));
+  at::Tensor exact = at::empty({p.lists}, det_out.options().dtype(at::kBool));
+  at::Tensor required = at::empty({batch, q_heads}, det_out.options().dtype(at::kDouble));
+  at::Tensor n_residual_heads = at::empty({batch, q_heads}, det_out.options().dtype(at::kLong));
+  p.final_wanted = final_wanted.data_ptr<int32_t>();
+  p.reused = reused.data_ptr<int32_t>();
+  p.exact = exact.data_ptr<bool>();
+  p.required = required.data_ptr<double>();
+  p.n_residual_heads = n_residual_heads.data_ptr<int64_t>();
+  C10_CUDA_CHECK(plan_budget_cuda(p, at::cuda::getCurrentCUDAStream()));
+  return {final_wanted, reused, exact, required, n_residual_heads};
+}
+
+at::Tensor residual_center_cuda_op(const at::Tensor& det_out, const at::Tensor& det_lse,
+                                   const at::Tensor& pilot_max_logit, const at::Tensor& moments,
+                                   const at::Tensor& vector_moments,
+                                   const at::Tensor& pilot_counts, const at::Tensor& n_residual) {
+  TORCH_CHECK(det_out.is_cuda(), "vattention: det_out must be a CUDA tensor, got ",
+              det_out.device());
+  const c10::cuda::CUDAGuard guard(det_out.device());
+  const BudgetParams p = budget_estimate_params(det_out, det_lse, pilot_max_logit, moments,
+                                                vector_moments, pilot_counts, n_residual);
+  at::Tensor center = at::empty(det_out.sizes(), det_out.options());
+  C10_CUDA_CHECK(
+      residual_center_cuda(p, center.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  return center;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
+  m.impl("plan_budget", &plan_budget_cuda_op);
+  m.impl("residual_center", &residual_center_cuda_op);
+}
+
+}  // namespace vattention::binding
+
+// ---------------------------------------------------------------------------
+// plan_lists (stage "plan", plan.h) and merge_estimate (stage "combine", combine.h):
+// one launch each, nothing read back.
+// ---------------------------------------------------------------------------
+namespace vattention::binding {
+namespace {
+
+PlanListsOutputs plan_lists_cuda_op(const at::Tensor& q, const c10::optional<at::Tensor>& lengths,
+                                    int64_t length, int64_t list_heads,
+                                    at::ArrayRef<double> sizes, const c10::List<bool>& fractions,
+                                    int64_t sink_max, int64_t local_max, int64_t heavy_max) {
+  TORCH_CHECK(q.is_cuda(), "vattention: q must be a CUDA tensor, got ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
+  PlanListsParams p;
+  PlanListsOutputs out = plan_lists_params(&p, q, lengths, length, list_heads, sizes, fractions,
+                                           sink_max, local_max, heavy_max);
+  C10_CUDA_CHECK(plan_lists_cuda(p, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_estimate_cuda_op(
+    const at::Tensor& det_out, const at::Tensor& det_lse,
+    const c10::optional<at::Tensor>& extra_out, const c10::optional<at::Tensor>& extra_lse,
+    const at::Tensor& sample_out, const at::Tensor& sample_lse, const at::Tensor& sample_counts,
+    const c10::optional<at::Tensor>& reused, const at::Tensor& pilot_max_logit,
+    const at::Tensor& moments, const at::Tensor& vector_moments,
+    const at::Tensor& n_residual_heads, at::ScalarType out_dtype) {
+  TORCH_CHECK(det_out.is_cuda(), "vattention: det_out must be a CUDA tensor, got ",
+              det_out.device());
+  const c10::cuda::CUDAGuard guard(det_out.device());
+  MergeEstimateParams p;
+  auto out = merge_estimate_params(&p, det_out, det_lse, extra_out, extra_lse, sample_out,
+                                   sample_lse, sample_counts, reused, pilot_max_logit, moments,
+                                   vector_moments, n_residual_heads, out_dtype);
+  C10_CUDA_CHECK(merge_estimate_cuda(p, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
+  m.impl("plan_lists", &plan_lists_cuda_op);
+  m.impl("merge_estimate", &merge_estimate_cuda_op);
 }
 
 }  // namespace vattention::binding

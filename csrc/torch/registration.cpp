@@ -40,22 +40,60 @@ TORCH_LIBRARY(vattention, m) {
       "sample_residual(Tensor heavy, Tensor starts, Tensor ends, Tensor num_samples, "
       "Tensor rng, int max_out, int draw_set) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "pilot_stats(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, float scale) "
-      "-> (Tensor, Tensor, Tensor)");
+      "pilot_stats(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, float scale, "
+      "Tensor? block_table=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "pilot_dispersion(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, "
-      "float scale, Tensor center) -> Tensor");
+      "float scale, Tensor center, Tensor? block_table=None) -> Tensor");
   m.def(
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? log_weights, "
-      "Tensor counts, float scale, int num_splits) -> (Tensor, Tensor)");
+      "Tensor counts, float scale, int num_splits, Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("combine(Tensor partial_out, Tensor partial_lse) -> (Tensor, Tensor)");
   m.def(
-      "select_scores(Tensor q, Tensor k, Tensor lengths, float scale, bool share_gqa) -> Tensor");
+      "select_scores(Tensor q, Tensor k, Tensor lengths, float scale, bool share_gqa, "
+      "Tensor? block_table=None) -> Tensor");
   // The key summary (key_summary.h): written in place, so that decode updates the
   // rows it appends without reallocating the cache-side summary.
   m.def(
-      "summarize_keys(Tensor k, Tensor(a!) codes, Tensor(b!) params, Tensor row_begin) -> ()");
+      "summarize_keys(Tensor k, Tensor(a!) codes, Tensor(b!) params, Tensor row_begin, "
+      "Tensor? block_table=None) -> ()");
   m.def(
       "select_scores_summary(Tensor q, Tensor codes, Tensor params, Tensor lengths, float scale, "
-      "bool share_gqa) -> Tensor");
+      "bool share_gqa, Tensor? block_table=None) -> Tensor");
+}
+
+// Stage "budget" (budget.h): every list's sample budget from the deterministic part and
+// the pilot statistics, in one op. Returns (final_wanted int32 [lists], reused int32
+// [lists], exact bool [lists], required float64 [B, Hq], n_residual_heads int64 [B, Hq]);
+// residual_center gives the chi-square tail its center O^ before the dispersion.
+TORCH_LIBRARY_FRAGMENT(vattention, m) {
+  m.def(
+      "plan_budget(Tensor det_out, Tensor det_lse, Tensor pilot_max_logit, Tensor moments, "
+      "Tensor vector_moments, Tensor pilot_counts, Tensor n_residual, Tensor? dispersion, "
+      "Tensor? chi2_table, str rule, float epsilon, float z, float tail_dim_shrink, "
+      "int min_samples, bool reuse_pilot) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // O^ float32 [B, Hq, D], the center of pilot_dispersion for the chi-square tail.
+  m.def(
+      "residual_center(Tensor det_out, Tensor det_lse, Tensor pilot_max_logit, Tensor moments, "
+      "Tensor vector_moments, Tensor pilot_counts, Tensor n_residual) -> Tensor");
+}
+
+// Stage "plan" (plan.h): every per-row and per-list size decode's fixed path derives from
+// the lengths, and the fixed part of the deterministic index list, in one op. Returns
+// (lengths, sink, local, window_end, heavy: int64 [B]; starts_rows, ends_rows, heavy_rows,
+// pilot_wanted: int32 [B * list_heads]; n_residual int64 [B * list_heads]; det_idx int32
+// [B, list_heads, sink_max + local_max + heavy_max]; det_counts int32 [B, list_heads]).
+// Stage "combine" (combine.h): merge_estimate merges the estimate's partials (the
+// deterministic part, an optional extra exact part, the reused pilot from its statistics
+// and the sample) and casts: (out [B, Hq, D] in out_dtype, lse float32 [B, Hq]).
+TORCH_LIBRARY_FRAGMENT(vattention, m) {
+  m.def(
+      "plan_lists(Tensor q, Tensor? lengths, int length, int list_heads, float[] sizes, "
+      "bool[] fractions, int sink_max, int local_max, int heavy_max) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "merge_estimate(Tensor det_out, Tensor det_lse, Tensor? extra_out, Tensor? extra_lse, "
+      "Tensor sample_out, Tensor sample_lse, Tensor sample_counts, Tensor? reused, "
+      "Tensor pilot_max_logit, Tensor moments, Tensor vector_moments, Tensor n_residual_heads, "
+      "ScalarType out_dtype) -> (Tensor, Tensor)");
 }

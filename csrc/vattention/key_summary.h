@@ -46,6 +46,10 @@ struct KeySummaryParams {
   half_t* params;           // [B, Hkv, N, D / 32, 2]
   int64_t codes_batch_stride, codes_head_stride, codes_row_stride;     // bytes
   int64_t params_batch_stride, params_head_stride, params_row_stride;  // half_t elements
+  // Paged summary (attention_params.h): dims 0 / 2 are then block / slot, and the
+  // table maps a batch row's logical rows to blocks, as for K. Scoring pages the
+  // summary with K's table; summarize_keys pages only the summary (k is contiguous).
+  KVPaging paging;
 };
 
 // Build / update: summarise rows [row_begin[b], row_begin[b] + rows) of k into

@@ -53,12 +53,12 @@ void summarize_lists(const SummarizeKeysParams& p, int64_t list_begin, int64_t l
     for (int64_t r = 0; r < p.rows; ++r) {
       const int64_t pos = begin + r;
       if (pos < 0 || pos >= p.summary_length) continue;
-      const T* x = static_cast<const T*>(qkv.k) + b * qkv.k_batch_stride + h * qkv.k_head_stride +
-                   r * qkv.k_row_stride;
-      uint8_t* codes = s.codes + b * s.codes_batch_stride + h * s.codes_head_stride +
-                       pos * s.codes_row_stride;
-      half_t* params = s.params + b * s.params_batch_stride + h * s.params_head_stride +
-                       pos * s.params_row_stride;
+      // k holds only the new rows (never paged); the summary's position may be.
+      const T* x = static_cast<const T*>(qkv.k) + qkv.k_offset(b, h, r);
+      uint8_t* codes = s.codes + s.paging.offset(b, h, pos, s.codes_batch_stride,
+                                                 s.codes_head_stride, s.codes_row_stride);
+      half_t* params = s.params + s.paging.offset(b, h, pos, s.params_batch_stride,
+                                                  s.params_head_stride, s.params_row_stride);
       for (int64_t g = 0; g < groups; ++g) {
         summarize_group(x + g * kSummaryGroup, codes + g * (kSummaryGroup / 2), params + 2 * g);
       }

@@ -8,7 +8,10 @@
 // consecutive lanes of a warp, reduce its min and max with two shuffles, the group's first lane writes (z, s) and every lane writes its 4
 // code bytes. Rows are spread over a grid-stride loop in 64-bit offsets; rows whose
 // position falls outside the summary are read by nobody. row_begin stays on the
-// device (no host sync), so an update can be captured in a CUDA graph.
+// device (no host sync), so an update can be captured in a CUDA graph. A paged
+// summary (summary.paging) puts position pos of batch row b in block
+// block_table[b][pos / block_size], slot pos % block_size (kv_gather_cuda.cuh's
+// paged_row); k is always the contiguous new rows.
 //
 // Bit exactness with the CPU kernel, under --use_fast_math:
 // - the CPU keeps the first of equal values (v < lo ? v : lo), which matters only
@@ -27,6 +30,7 @@
 #include "dispatch.h"
 #include "cuda_utils.cuh"
 #include "key_summary.h"
+#include "kv_gather_cuda.cuh"
 
 namespace vattention {
 namespace {
@@ -180,10 +184,17 @@ summarize_keys_kernel(const SummarizeKeysParams p, const bool k_aligned, const b
         word |= code << (4 * e);
       }
     }
-    uint8_t* codes = s.codes + b * s.codes_batch_stride + h * s.codes_head_stride +
-                     pos * s.codes_row_stride + lane * (kLaneChannels / 2);
-    half_t* params = s.params + b * s.params_batch_stride + h * s.params_head_stride +
-                     pos * s.params_row_stride + 2 * (lane / kGroupLanes);
+    int64_t outer = b, slot = pos;
+    if (s.paging.paged()) {
+      const PagedRow pr =
+          paged_row(s.paging.block_table + b * s.paging.block_table_stride, s.paging.block_size, pos);
+      outer = pr.block;
+      slot = pr.slot;
+    }
+    uint8_t* codes = s.codes + outer * s.codes_batch_stride + h * s.codes_head_stride +
+                     slot * s.codes_row_stride + lane * (kLaneChannels / 2);
+    half_t* params = s.params + outer * s.params_batch_stride + h * s.params_head_stride +
+                     slot * s.params_row_stride + 2 * (lane / kGroupLanes);
     if (out_aligned) {
       *reinterpret_cast<uint32_t*>(codes) = word;
       if (lane % kGroupLanes == 0) {
@@ -217,18 +228,21 @@ cudaError_t summarize_keys_cuda(const SummarizeKeysParams& p, cudaStream_t strea
   if (items <= 0 || p.summary_length <= 0) return cudaSuccess;
   if (qkv.head_dim <= 0 || qkv.head_dim % kSummaryGroup != 0) return cudaErrorInvalidValue;
   const KeySummaryParams& s = p.summary;
+  if (!paging_supported(s.paging, p.summary_length)) return cudaErrorInvalidValue;
   const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
+  // Paged: dim 0 of the summary counts blocks (any number of them), dim 2 slots.
+  const int64_t outer = s.paging.paged() ? 2 : qkv.batch;
+  const int64_t slots = s.paging.paged() ? s.paging.block_size : p.summary_length;
   // 16-byte loads of each lane's 8 channels; 4-byte code and (z, s) stores.
   const bool k_aligned = aligned_to(qkv.k, 16) && stride_ok(qkv.k_batch_stride * elem, qkv.batch, 16) &&
                          stride_ok(qkv.k_head_stride * elem, qkv.kv_heads, 16) &&
                          stride_ok(qkv.k_row_stride * elem, p.rows, 16);
   const bool out_aligned =
       aligned_to(s.codes, 4) && aligned_to(s.params, 4) &&
-      stride_ok(s.codes_batch_stride, qkv.batch, 4) && stride_ok(s.codes_head_stride, qkv.kv_heads, 4) &&
-      stride_ok(s.codes_row_stride, p.summary_length, 4) &&
-      stride_ok(s.params_batch_stride * 2, qkv.batch, 4) &&
+      stride_ok(s.codes_batch_stride, outer, 4) && stride_ok(s.codes_head_stride, qkv.kv_heads, 4) &&
+      stride_ok(s.codes_row_stride, slots, 4) && stride_ok(s.params_batch_stride * 2, outer, 4) &&
       stride_ok(s.params_head_stride * 2, qkv.kv_heads, 4) &&
-      stride_ok(s.params_row_stride * 2, p.summary_length, 4);
+      stride_ok(s.params_row_stride * 2, slots, 4);
   DeviceInfo info;
   cudaError_t err = current_device_info(&info);
   if (err != cudaSuccess) return err;

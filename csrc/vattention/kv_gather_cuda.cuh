@@ -3,6 +3,12 @@
 // cp.async pipeline that gathers tiles of K and V rows into shared memory, and
 // the one gather kernel both stages launch, parametrised by a fold policy.
 //
+// Paged K/V (attention_params.h). The launcher picks gather_kernel<..., Paged>
+// from qkv.paging, so the contiguous kernel is today's code. A paged block keeps
+// its batch row's block-table entries and the head offset, and each copy finds its
+// row's block and slot (paged_row): one table read and a 32-bit divide per 16-byte
+// copy, not per element.
+//
 // Mapping. Grid (x = batch * list_heads lists, y = splits, z = head chunks). A
 // block serves one contiguous split of one list for up to HB query heads that
 // read that list: all heads of the KV group when list_heads == kv_heads (so each
@@ -77,11 +83,53 @@ struct GatherConfig {
   }
 };
 
-// What a block works on. Pointers already include the batch and KV-head offsets.
+// Block and slot of logical row `row` of a paged layout. Rows and block sizes fit
+// in 32 bits (the launchers check the length), and a 32-bit divide is several
+// times cheaper than KVPaging::offset's 64-bit one; the products with the strides
+// stay 64-bit.
+struct PagedRow {
+  int64_t block, slot;
+};
+
+__device__ __forceinline__ PagedRow paged_row(const int32_t* table_row, int64_t block_size,
+                                              int64_t row) {
+  const uint32_t bs = uint32_t(block_size), r = uint32_t(row);
+  const uint32_t i = r / bs;
+  return {int64_t(__ldg(table_row + i)), int64_t(r - i * bs)};
+}
+
+// qkv.k_offset / qkv.v_offset (in elements) of logical row 0 <= row < 2^31 of
+// (batch row b, KV head), through paged_row when paged.
+struct RowOffsets {
+  int64_t k, v;
+};
+
+__device__ __forceinline__ RowOffsets kv_row_offsets(const QKVParams& qkv, int64_t b,
+                                                     int64_t head, int64_t row) {
+  int64_t outer = b, slot = row;
+  if (qkv.paging.paged()) {
+    const PagedRow pr = paged_row(
+        qkv.paging.block_table + b * qkv.paging.block_table_stride, qkv.paging.block_size, row);
+    outer = pr.block;
+    slot = pr.slot;
+  }
+  return {outer * qkv.k_batch_stride + head * qkv.k_head_stride + slot * qkv.k_row_stride,
+          outer * qkv.v_batch_stride + head * qkv.v_head_stride + slot * qkv.v_row_stride};
+}
+
+// Whether the launchers can address a paged layout with paged_row (host side).
+inline bool paging_supported(const KVPaging& paging, int64_t length) {
+  return !paging.paged() ||
+         (paging.block_size > 0 && paging.block_size <= 0x7fffffff && length <= 0x7fffffff);
+}
+
+// What a block works on. Contiguous: k / v include the batch and KV-head offsets;
+// paged: the KV-head offset, and block_row is the batch row's block-table row.
 template <typename T>
 struct ListWork {
   const T* k;
   const T* v;
+  const int32_t* block_row;   // paged only
   const int32_t* indices;     // the list's entries
   const float* log_weights;   // or null
   int64_t b;
@@ -90,7 +138,7 @@ struct ListWork {
   int64_t begin, end;         // entries [begin, end) of the list
 };
 
-template <typename T>
+template <typename T, bool Paged>
 __device__ __forceinline__ ListWork<T> block_work(const QKVParams& qkv, const IndexListParams& list,
                                                   int heads_per_block, int64_t num_splits) {
   ListWork<T> w;
@@ -108,8 +156,15 @@ __device__ __forceinline__ ListWork<T> block_work(const QKVParams& qkv, const In
     w.heads = int(min(int64_t(heads_per_block), group - int64_t(blockIdx.z) * heads_per_block));
     kv_head = lh;
   }
-  w.k = static_cast<const T*>(qkv.k) + w.b * qkv.k_batch_stride + kv_head * qkv.k_head_stride;
-  w.v = static_cast<const T*>(qkv.v) + w.b * qkv.v_batch_stride + kv_head * qkv.v_head_stride;
+  if constexpr (Paged) {
+    w.k = static_cast<const T*>(qkv.k) + kv_head * qkv.k_head_stride;
+    w.v = static_cast<const T*>(qkv.v) + kv_head * qkv.v_head_stride;
+    w.block_row = qkv.paging.block_table + w.b * qkv.paging.block_table_stride;
+  } else {
+    w.k = static_cast<const T*>(qkv.k) + w.b * qkv.k_batch_stride + kv_head * qkv.k_head_stride;
+    w.v = static_cast<const T*>(qkv.v) + w.b * qkv.v_batch_stride + kv_head * qkv.v_head_stride;
+    w.block_row = nullptr;
+  }
   w.indices = list.indices + list_row * list.max_count;
   w.log_weights = list.log_weights ? list.log_weights + list_row * list.max_count : nullptr;
   const int64_t count = min(max(int64_t(list.counts[list_row]), int64_t(0)), list.max_count);
@@ -121,11 +176,10 @@ __device__ __forceinline__ ListWork<T> block_work(const QKVParams& qkv, const In
 // pipeline stage `stage`. Entries past the split's end or out of [0, length) are
 // zero-filled and get bias -inf; valid rows get bias = their log-weight (0 when
 // the list has none).
-template <typename T, int D>
+template <typename T, int D, bool Paged>
 __device__ __forceinline__ void issue_tile(unsigned char* pipe, float* bias, int stage,
                                            const ListWork<T>& w, int64_t row0,
-                                           int64_t k_row_stride, int64_t v_row_stride,
-                                           int64_t length, bool aligned) {
+                                           const QKVParams& qkv, bool aligned) {
   using C = GatherConfig<T, D>;
   unsigned char* k_dst = pipe + stage * C::kStageBytes;
   unsigned char* v_dst = k_dst + C::kTileBytes;
@@ -138,13 +192,22 @@ __device__ __forceinline__ void issue_tile(unsigned char* pipe, float* bias, int
     const int64_t j = row0 + r;
     int32_t row = -1;
     if (j < w.end) row = __ldg(w.indices + j);
-    const bool valid = row >= 0 && int64_t(row) < length;
+    const bool valid = row >= 0 && int64_t(row) < qkv.length;
     const int offset = r * C::kRowBytes + chunk * 16;
     const unsigned char* k_src = reinterpret_cast<const unsigned char*>(w.k);
     const unsigned char* v_src = reinterpret_cast<const unsigned char*>(w.v);
     if (valid) {
-      k_src = reinterpret_cast<const unsigned char*>(w.k + int64_t(row) * k_row_stride) + chunk * 16;
-      v_src = reinterpret_cast<const unsigned char*>(w.v + int64_t(row) * v_row_stride) + chunk * 16;
+      int64_t k_off, v_off;
+      if constexpr (Paged) {
+        const PagedRow pr = paged_row(w.block_row, qkv.paging.block_size, row);
+        k_off = pr.block * qkv.k_batch_stride + pr.slot * qkv.k_row_stride;
+        v_off = pr.block * qkv.v_batch_stride + pr.slot * qkv.v_row_stride;
+      } else {
+        k_off = int64_t(row) * qkv.k_row_stride;
+        v_off = int64_t(row) * qkv.v_row_stride;
+      }
+      k_src = reinterpret_cast<const unsigned char*>(w.k + k_off) + chunk * 16;
+      v_src = reinterpret_cast<const unsigned char*>(w.v + v_off) + chunk * 16;
     }
     if (aligned) {
       cp_async_16(k_dst + offset, k_src, valid);
@@ -193,17 +256,21 @@ __device__ __forceinline__ void load_query_slice(const QKVParams& qkv, int64_t b
   for (int e = 0; e < C::kEpt; ++e) out[e] = load_float(q + C::dim_of(lane_in_row, e));
 }
 
-// Whether every K/V row address is 16-byte aligned (host side, from pointers and strides).
+// Whether every K/V row address is 16-byte aligned (host side, from pointers and
+// strides). Paged: dim 0 counts blocks (any number of them), dim 2 slots.
 inline bool rows_are_aligned(const QKVParams& qkv) {
   const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
   auto ok_ptr = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
   auto ok_stride = [&](int64_t stride, int64_t extent) {
     return extent <= 1 || ((stride * elem) & 15) == 0;
   };
-  return ok_ptr(qkv.k) && ok_ptr(qkv.v) && ok_stride(qkv.k_batch_stride, qkv.batch) &&
-         ok_stride(qkv.v_batch_stride, qkv.batch) && ok_stride(qkv.k_head_stride, qkv.kv_heads) &&
-         ok_stride(qkv.v_head_stride, qkv.kv_heads) && ok_stride(qkv.k_row_stride, qkv.length) &&
-         ok_stride(qkv.v_row_stride, qkv.length);
+  const bool paged = qkv.paging.paged();
+  const int64_t outer = paged ? 2 : qkv.batch;
+  const int64_t rows = paged ? qkv.paging.block_size : qkv.length;
+  return ok_ptr(qkv.k) && ok_ptr(qkv.v) && ok_stride(qkv.k_batch_stride, outer) &&
+         ok_stride(qkv.v_batch_stride, outer) && ok_stride(qkv.k_head_stride, qkv.kv_heads) &&
+         ok_stride(qkv.v_head_stride, qkv.kv_heads) && ok_stride(qkv.k_row_stride, rows) &&
+         ok_stride(qkv.v_row_stride, rows);
 }
 
 // ---------------------------------------------------------------------------
@@ -347,7 +414,7 @@ __device__ __forceinline__ void fold_row(float& m, float (&scalar)[F::kScalars],
 // row group, computes the logits of all HB heads from one read of each K row
 // and folds the V row into each head's moments; then merges the row groups'
 // records in shared memory and hands them to F::finish.
-template <class F, typename T, int D, int HB>
+template <class F, typename T, int D, int HB, bool Paged>
 __global__ void __launch_bounds__(GatherConfig<T, D>::kThreads)
 gather_kernel(const typename F::Params p, const GatherArgs args) {
   using C = GatherConfig<T, D>;
@@ -357,7 +424,7 @@ gather_kernel(const typename F::Params p, const GatherArgs args) {
   float* bias = reinterpret_cast<float*>(pipe + C::kPipeBytes);
 
   const QKVParams& qkv = F::qkv(p);
-  const ListWork<T> w = block_work<T>(qkv, F::list(p), HB, args.num_splits);
+  const ListWork<T> w = block_work<T, Paged>(qkv, F::list(p), HB, args.num_splits);
   const int tid = threadIdx.x;
   const int grp = tid / C::kTpr;
   const int lane = tid % C::kTpr;
@@ -392,8 +459,8 @@ gather_kernel(const typename F::Params p, const GatherArgs args) {
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
     if (s < tiles) {
-      issue_tile<T, D>(pipe, bias, s, w, w.begin + int64_t(s) * C::kRows, qkv.k_row_stride,
-                       qkv.v_row_stride, qkv.length, args.aligned);
+      issue_tile<T, D, Paged>(pipe, bias, s, w, w.begin + int64_t(s) * C::kRows, qkv,
+                              args.aligned);
     }
     cp_async_commit();
   }
@@ -404,8 +471,8 @@ gather_kernel(const typename F::Params p, const GatherArgs args) {
     {
       const int64_t next = t + C::kStages - 1;
       if (next < tiles) {
-        issue_tile<T, D>(pipe, bias, int(next % C::kStages), w, w.begin + next * C::kRows,
-                         qkv.k_row_stride, qkv.v_row_stride, qkv.length, args.aligned);
+        issue_tile<T, D, Paged>(pipe, bias, int(next % C::kStages), w, w.begin + next * C::kRows,
+                                qkv, args.aligned);
       }
       cp_async_commit();
     }
@@ -476,12 +543,12 @@ gather_kernel(const typename F::Params p, const GatherArgs args) {
   F::template finish<T, D, HB>(p, args, w, records, tid);
 }
 
-template <class F, typename T, int D, int HB>
+template <class F, typename T, int D, int HB, bool Paged>
 cudaError_t launch_gather_kernel(const typename F::Params& p, const GatherArgs& args,
                                  int64_t lists, int64_t chunks, cudaStream_t stream) {
   using C = GatherConfig<T, D>;
   static std::atomic<int> smem_set[kMaxDevices];
-  auto kernel = gather_kernel<F, T, D, HB>;
+  auto kernel = gather_kernel<F, T, D, HB, Paged>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -491,9 +558,9 @@ cudaError_t launch_gather_kernel(const typename F::Params& p, const GatherArgs& 
   return launch_kernel(kernel, grid, dim3(C::kThreads), size_t(C::kSmemBytes), stream, 1, p, args);
 }
 
-// Launches gather_kernel<F> for p's dtype, head dim and heads per block
-// (dispatch.h; HB capped at F::kMaxHeadsPerBlock, wider groups get more head
-// chunks). args.aligned is filled in here.
+// Launches gather_kernel<F> for p's dtype, head dim, heads per block (dispatch.h;
+// HB capped at F::kMaxHeadsPerBlock, wider groups get more head chunks) and K/V
+// layout. args.aligned is filled in here.
 template <class F>
 cudaError_t launch_gather(const typename F::Params& p, GatherArgs args, cudaStream_t stream) {
   const QKVParams& qkv = F::qkv(p);
@@ -503,7 +570,9 @@ cudaError_t launch_gather(const typename F::Params& p, GatherArgs args, cudaStre
   const int hb = std::min(heads_per_block(group, per_head), F::kMaxHeadsPerBlock);
   const int64_t lists = qkv.batch * list.list_heads;
   const int64_t chunks = per_head ? 1 : ceil_div(group, hb);
+  if (!paging_supported(qkv.paging, qkv.length)) return cudaErrorInvalidValue;
   args.aligned = rows_are_aligned(qkv);
+  const bool paged = qkv.paging.paged();
   return dispatch_dtype(qkv.dtype, [&](auto dtype_tag) -> cudaError_t {
     using T = decltype(dtype_tag);
     return dispatch_head_dim(qkv.head_dim, cudaErrorInvalidValue, [&](auto dim_tag) -> cudaError_t {
@@ -513,7 +582,8 @@ cudaError_t launch_gather(const typename F::Params& p, GatherArgs args, cudaStre
         if constexpr (HB > F::kMaxHeadsPerBlock) {
           return cudaErrorInvalidValue;  // not instantiated: would spill
         } else {
-          return launch_gather_kernel<F, T, D, HB>(p, args, lists, chunks, stream);
+          return paged ? launch_gather_kernel<F, T, D, HB, true>(p, args, lists, chunks, stream)
+                       : launch_gather_kernel<F, T, D, HB, false>(p, args, lists, chunks, stream);
         }
       });
     });

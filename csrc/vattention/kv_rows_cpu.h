@@ -12,13 +12,12 @@ template <typename T>
 struct KVRowsCpu {
   const QKVParams& p;
 
+  // Logical row `row` of batch row b, contiguous or paged (attention_params.h).
   const T* key(int64_t b, int64_t kv_head, int64_t row) const {
-    return static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride +
-           row * p.k_row_stride;
+    return static_cast<const T*>(p.k) + p.k_offset(b, kv_head, row);
   }
   const T* value(int64_t b, int64_t kv_head, int64_t row) const {
-    return static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride +
-           row * p.v_row_stride;
+    return static_cast<const T*>(p.v) + p.v_offset(b, kv_head, row);
   }
   void load_query(int64_t b, int64_t h, std::vector<float>* out) const {
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;

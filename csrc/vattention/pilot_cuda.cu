@@ -96,7 +96,9 @@ pilot_merge_kernel(const PilotParams p, const int64_t num_splits, const float* w
 
 // pilot_dispersion: one block per query head, in three passes over its list (the
 // list is a pilot: a few hundred rows at most, read from L2 after the first pass).
-//  1. a warp per entry: logits into the head's workspace, then the block's max m;
+//  1. a warp per entry: logits into the head's workspace and the entry's V row
+//     offset beside them (kv_row_offsets: contiguous or paged, found once per entry
+//     rather than per element in the passes below), then the block's max m;
 //  2. the workspace becomes w = exp(s - m); a thread per dimension: mean(x), with
 //     x_i = w_i (V_i - center);
 //  3. the p x p Gram of c_i = x_i - mean(x), a tile of kDispersionTile rows in shared
@@ -121,17 +123,21 @@ __device__ __forceinline__ bool entry_valid(int32_t index, int64_t length) {
   return index >= 0 && index < length;
 }
 
-template <typename T>
-__device__ __forceinline__ const T* kv_row(const void* base, int64_t batch_stride,
-                                           int64_t head_stride, int64_t row_stride, int64_t b,
-                                           int64_t kv_head, int64_t row) {
-  return static_cast<const T*>(base) + b * batch_stride + kv_head * head_stride +
-         row * row_stride;
+// The workspace: per (head, entry) the V row offset (elements), then the weight.
+struct DispersionWorkspace {
+  int64_t* v_offsets;  // [heads, max_count]
+  float* weights;      // [heads, max_count]
+};
+
+DispersionWorkspace dispersion_workspace(const PilotDispersionParams& p, void* workspace) {
+  const int64_t entries = p.qkv.batch * p.qkv.q_heads * p.list.max_count;
+  int64_t* offsets = static_cast<int64_t*>(workspace);
+  return {offsets, reinterpret_cast<float*>(offsets + entries)};
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kDispersionThreads)
-pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
+pilot_dispersion_kernel(const PilotDispersionParams p, const DispersionWorkspace ws) {
   constexpr int kPerLane = D / 32;
   DispersionSmem<D>& sm = *reinterpret_cast<DispersionSmem<D>*>(dynamic_smem());
   const QKVParams& a = p.qkv;
@@ -142,7 +148,8 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
     const int64_t list = p.list.list_of(b, h, a.q_heads, group);
     const int32_t* indices = p.list.indices + list * p.list.max_count;
     const int64_t count = min(int64_t(p.list.counts[list]), p.list.max_count);
-    float* w = weights + t * p.list.max_count;
+    float* w = ws.weights + t * p.list.max_count;
+    int64_t* v_offset = ws.v_offsets + t * p.list.max_count;
     const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride;
     for (int d = tid; d < D; d += kDispersionThreads) {
       sm.q[d] = load_float(q + d);
@@ -156,13 +163,16 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
     for (int64_t j = warp; j < count; j += kDispersionWarps) {
       const int32_t index = indices[j];
       if (!entry_valid(index, a.length)) continue;
-      const T* k = kv_row<T>(a.k, a.k_batch_stride, a.k_head_stride, a.k_row_stride, b, kv,
-                             index);
+      const RowOffsets off = kv_row_offsets(a, b, kv, index);
+      const T* k = static_cast<const T*>(a.k) + off.k;
       float dot = 0.f;
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) dot += sm.q[lane + 32 * e] * load_float(k + lane + 32 * e);
       const float s = warp_sum(dot) * a.scale;
-      if (lane == 0) w[j] = s;
+      if (lane == 0) {
+        w[j] = s;
+        v_offset[j] = off.v;
+      }
       max_logit = fmaxf(max_logit, s);
       nan_logit |= s != s;
     }
@@ -191,8 +201,7 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
       for (int64_t j = 0; j < count; ++j) {
         const int32_t index = indices[j];
         if (!entry_valid(index, a.length)) continue;
-        const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
-                               index);
+        const T* v = static_cast<const T*>(a.v) + v_offset[j];
         sum += w[j] * (load_float(v + d) - sm.center[d]);
       }
       sm.mean[d] = n > 0 ? sum / float(n) : 0.f;
@@ -207,8 +216,7 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
         const int64_t i = i0 + r;
         float c = 0.f;
         if (i < count && entry_valid(indices[i], a.length)) {
-          const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
-                                 indices[i]);
+          const T* v = static_cast<const T*>(a.v) + v_offset[i];
           c = w[i] * (load_float(v + d) - sm.center[d]) - sm.mean[d];
         }
         sm.tile[r][d] = c;
@@ -218,8 +226,7 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
       for (int64_t j = warp; j < count; j += kDispersionWarps) {
         const int32_t index = indices[j];
         if (!entry_valid(index, a.length)) continue;
-        const T* v = kv_row<T>(a.v, a.v_batch_stride, a.v_head_stride, a.v_row_stride, b, kv,
-                               index);
+        const T* v = static_cast<const T*>(a.v) + v_offset[j];
         float c[kPerLane];
 #pragma unroll
         for (int e = 0; e < kPerLane; ++e) {
@@ -258,7 +265,8 @@ pilot_dispersion_kernel(const PilotDispersionParams p, float* weights) {
 }  // namespace
 
 size_t pilot_dispersion_cuda_workspace_bytes(const PilotDispersionParams& p) {
-  return size_t(p.qkv.batch * p.qkv.q_heads * p.list.max_count) * sizeof(float);
+  return size_t(p.qkv.batch * p.qkv.q_heads * p.list.max_count) *
+         (sizeof(int64_t) + sizeof(float));
 }
 
 cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspace,
@@ -266,6 +274,7 @@ cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspac
   const int64_t heads = p.qkv.batch * p.qkv.q_heads;
   if (heads <= 0) return cudaSuccess;
   if (p.list.max_count > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (!paging_supported(p.qkv.paging, p.qkv.length)) return cudaErrorInvalidValue;
   const int64_t blocks = std::min<int64_t>(heads, 65535);
   return dispatch_dtype(p.qkv.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -273,7 +282,7 @@ cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspac
       constexpr int D = decltype(dim_tag)::value;
       return launch_kernel(pilot_dispersion_kernel<T, D>, dim3(unsigned(blocks)),
                            dim3(kDispersionThreads), sizeof(DispersionSmem<D>), stream, 1, p,
-                           static_cast<float*>(workspace));
+                           dispersion_workspace(p, workspace));
     });
   });
 }

@@ -31,13 +31,13 @@ float usable_lse(const float* x, int64_t n) {
   return std::isfinite(lse) ? lse : 0.f;
 }
 
-// K~_d = z_g + s_g * code_d of one token (key_summary.h).
+// K~_d = z_g + s_g * code_d of one token (key_summary.h); logical row i, paged or not.
 void dequantize_key(const KeySummaryParams& s, int64_t b, int64_t kv, int64_t i, int64_t dim,
                     float* key) {
-  const uint8_t* codes = s.codes + b * s.codes_batch_stride + kv * s.codes_head_stride +
-                         i * s.codes_row_stride;
-  const half_t* params = s.params + b * s.params_batch_stride + kv * s.params_head_stride +
-                         i * s.params_row_stride;
+  const uint8_t* codes = s.codes + s.paging.offset(b, kv, i, s.codes_batch_stride,
+                                                   s.codes_head_stride, s.codes_row_stride);
+  const half_t* params = s.params + s.paging.offset(b, kv, i, s.params_batch_stride,
+                                                    s.params_head_stride, s.params_row_stride);
   for (int64_t g = 0; g < dim / kSummaryGroup; ++g) {
     const float zero = to_float(params[2 * g]), step = to_float(params[2 * g + 1]);
     const uint8_t* c = codes + g * (kSummaryGroup / 2);

@@ -4,8 +4,8 @@
 //
 // Key sources. Kernel 1 is written once against a key-source policy, so the lse,
 // group max and NaN handling below are shared by both selectors:
-//   DenseKeys<T, D>:  K rows of q's dtype, 16-byte cp.async chunks;
-//   SummaryKeys<D>:   key_summary.h's rows, D / 2 code bytes (16-byte chunks) and
+//   DenseKeys<T, D, Paged>: K rows of q's dtype, 16-byte cp.async chunks;
+//   SummaryKeys<D, Paged>:  key_summary.h's rows, D / 2 code bytes (16-byte chunks) and
 //                     D / 8 bytes of (zero, step) pairs (16-byte chunks, 8-byte at
 //                     D = 64) per token, dequantised in registers: a lane owns 8
 //                     consecutive channels (one 32-bit code word, one group's pair),
@@ -14,6 +14,10 @@
 // A policy gives the lane layout L (kTpr lanes per row, kEpt elements each,
 // dim_of), the tile rows and bytes of a pipeline stage, the per-(b, KV head) row
 // pointers, the copies of a tile and the conversion of one row slice to floats.
+// Paged K (qkv.paging) or summary (summary.paging, the same table): each copy
+// unit finds its position's block and slot (kv_gather_cuda.cuh's paged_row). Paged
+// is a template flag, so the contiguous kernels are unchanged (a runtime branch
+// cost the summary kernels up to 38 registers at D = 256: 128 -> 166).
 //
 // Kernel 1, select_logits_kernel: one block per (batch, KV head, split of the
 // positions, chunk of <= HB query heads of the group; one chunk unless the group
@@ -95,7 +99,7 @@ __device__ __forceinline__ void copy_unit(unsigned char* to, const unsigned char
 }
 
 // K rows of q's dtype T.
-template <typename T, int D>
+template <typename T, int D, bool Paged>
 struct DenseKeys {
   using L = GatherConfig<T, D>;
   static constexpr int kRows = int(score_tile_rows(L::kRowBytes));
@@ -103,14 +107,21 @@ struct DenseKeys {
   static constexpr int kCopies = kRows * L::kChunksPerRow;  // 16-byte units per tile
 
   struct Rows {
-    const T* k;
+    const T* k;                  // + batch (contiguous only) and KV-head offsets
     int64_t row_stride;
+    const int32_t* block_row;    // paged only: the batch row's block table
+    int64_t block_stride, block_size;
   };
 
   __device__ __forceinline__ static Rows rows(const SelectScoresParams& p, int64_t b, int64_t kv) {
     const QKVParams& qkv = p.qkv;
-    return {static_cast<const T*>(qkv.k) + b * qkv.k_batch_stride + kv * qkv.k_head_stride,
-            qkv.k_row_stride};
+    const KVPaging& pg = qkv.paging;
+    const T* k = static_cast<const T*>(qkv.k) + kv * qkv.k_head_stride;
+    if constexpr (Paged) {
+      return {k, qkv.k_row_stride, pg.block_table + b * pg.block_table_stride, qkv.k_batch_stride,
+              pg.block_size};
+    }
+    return {k + b * qkv.k_batch_stride, qkv.k_row_stride, nullptr, 0, 0};
   }
 
   // Copy unit c (< kCopies) of tile rows [row0, row0 + kRows); rows >= valid_end zero-filled.
@@ -121,7 +132,16 @@ struct DenseKeys {
     const int64_t j = row0 + r;
     const bool valid = j < valid_end;
     const unsigned char* src = reinterpret_cast<const unsigned char*>(w.k);
-    if (valid) src = reinterpret_cast<const unsigned char*>(w.k + j * w.row_stride) + chunk * 16;
+    if (valid) {
+      int64_t off;
+      if constexpr (Paged) {
+        const PagedRow pr = paged_row(w.block_row, w.block_size, j);
+        off = pr.block * w.block_stride + pr.slot * w.row_stride;
+      } else {
+        off = j * w.row_stride;
+      }
+      src = reinterpret_cast<const unsigned char*>(w.k + off) + chunk * 16;
+    }
     using Raw = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
     copy_unit<16, Raw>(dst + r * L::kRowBytes + chunk * 16, src, valid, aligned);
   }
@@ -133,7 +153,7 @@ struct DenseKeys {
 };
 
 // key_summary.h's rows; a stage holds [kRows code rows][kRows param rows].
-template <int D>
+template <int D, bool Paged>
 struct SummaryKeys {
   using L = GatherConfig<half_t, D>;
   static_assert(L::kEpt == 8 && L::kTpr * 8 == D, "a lane owns 8 consecutive channels");
@@ -148,16 +168,46 @@ struct SummaryKeys {
   static_assert(kParamBytes % kParamUnit == 0 && kCodeBytes % 16 == 0, "whole copy units");
 
   struct Rows {
-    const uint8_t* codes;
+    const uint8_t* codes;        // + batch (contiguous only) and KV-head offsets
     const half_t* params;
     int64_t codes_row_stride, params_row_stride;
+    const int32_t* block_row;    // paged only: the batch row's block table
+    int64_t codes_block_stride, params_block_stride, block_size;
+
+    // Offsets of position j's code row (bytes) and (zero, step) row (elements).
+    __device__ __forceinline__ int64_t code_offset(int64_t j) const {
+      if constexpr (Paged) {
+        const PagedRow pr = paged_row(block_row, block_size, j);
+        return pr.block * codes_block_stride + pr.slot * codes_row_stride;
+      } else {
+        return j * codes_row_stride;
+      }
+    }
+    __device__ __forceinline__ int64_t param_offset(int64_t j) const {
+      if constexpr (Paged) {
+        const PagedRow pr = paged_row(block_row, block_size, j);
+        return pr.block * params_block_stride + pr.slot * params_row_stride;
+      } else {
+        return j * params_row_stride;
+      }
+    }
   };
 
   __device__ __forceinline__ static Rows rows(const SelectScoresParams& p, int64_t b, int64_t kv) {
     const KeySummaryParams& s = p.summary;
-    return {s.codes + b * s.codes_batch_stride + kv * s.codes_head_stride,
-            s.params + b * s.params_batch_stride + kv * s.params_head_stride, s.codes_row_stride,
-            s.params_row_stride};
+    const KVPaging& pg = s.paging;
+    Rows w{s.codes + kv * s.codes_head_stride, s.params + kv * s.params_head_stride,
+           s.codes_row_stride, s.params_row_stride, nullptr, 0, 0, 0};
+    if constexpr (Paged) {
+      w.block_row = pg.block_table + b * pg.block_table_stride;
+      w.codes_block_stride = s.codes_batch_stride;
+      w.params_block_stride = s.params_batch_stride;
+      w.block_size = pg.block_size;
+    } else {
+      w.codes += b * s.codes_batch_stride;
+      w.params += b * s.params_batch_stride;
+    }
+    return w;
   }
 
   // Units [0, kRows * kCodeUnits) are code chunks, the rest (z, s) chunks.
@@ -169,7 +219,7 @@ struct SummaryKeys {
       const int64_t j = row0 + r;
       const bool valid = j < valid_end;
       const unsigned char* src = w.codes;
-      if (valid) src = w.codes + j * w.codes_row_stride + chunk * 16;
+      if (valid) src = w.codes + w.code_offset(j) + chunk * 16;
       copy_unit<16, uint8_t>(dst + r * kCodeBytes + chunk * 16, src, valid, aligned);
     } else {
       const int u = c - kRows * kCodeUnits;
@@ -179,7 +229,7 @@ struct SummaryKeys {
       const bool valid = j < valid_end;
       const unsigned char* src = reinterpret_cast<const unsigned char*>(w.params);
       if (valid) {
-        src = reinterpret_cast<const unsigned char*>(w.params + j * w.params_row_stride) +
+        src = reinterpret_cast<const unsigned char*>(w.params + w.param_offset(j)) +
               chunk * kParamUnit;
       }
       copy_unit<kParamUnit, uint16_t>(dst + kRows * kCodeBytes + r * kParamBytes + chunk * kParamUnit,
@@ -505,8 +555,12 @@ Plan make_plan(const SelectScoresParams& p, int num_sms) {
 
 // Whether every row of the key source can be copied in cp.async units: 16 bytes for
 // K rows and summary codes, 16 (8 at D = 64) for the summary's (zero, step) rows.
+// Paged: dim 0 counts blocks (any number of them), dim 2 slots.
 bool rows_aligned(const SelectScoresParams& p) {
   const QKVParams& qkv = p.qkv;
+  const KVPaging& pg = p.from_summary ? p.summary.paging : qkv.paging;
+  const int64_t outer = pg.paged() ? 2 : qkv.batch;
+  const int64_t rows = pg.paged() ? pg.block_size : qkv.length;
   auto ok = [](const void* ptr, int64_t unit) {
     return (reinterpret_cast<uintptr_t>(ptr) % uintptr_t(unit)) == 0;
   };
@@ -516,17 +570,17 @@ bool rows_aligned(const SelectScoresParams& p) {
   if (p.from_summary) {
     const KeySummaryParams& s = p.summary;
     const int64_t unit = 4 * (qkv.head_dim / kSummaryGroup) < 16 ? 8 : 16;
-    return ok(s.codes, 16) && ok_stride(s.codes_batch_stride, qkv.batch, 16) &&
+    return ok(s.codes, 16) && ok_stride(s.codes_batch_stride, outer, 16) &&
            ok_stride(s.codes_head_stride, qkv.kv_heads, 16) &&
-           ok_stride(s.codes_row_stride, qkv.length, 16) && ok(s.params, unit) &&
-           ok_stride(s.params_batch_stride * 2, qkv.batch, unit) &&
+           ok_stride(s.codes_row_stride, rows, 16) && ok(s.params, unit) &&
+           ok_stride(s.params_batch_stride * 2, outer, unit) &&
            ok_stride(s.params_head_stride * 2, qkv.kv_heads, unit) &&
-           ok_stride(s.params_row_stride * 2, qkv.length, unit);
+           ok_stride(s.params_row_stride * 2, rows, unit);
   }
   const int64_t elem = qkv.dtype == DType::kFloat32 ? 4 : 2;
-  return ok(qkv.k, 16) && ok_stride(qkv.k_batch_stride * elem, qkv.batch, 16) &&
+  return ok(qkv.k, 16) && ok_stride(qkv.k_batch_stride * elem, outer, 16) &&
          ok_stride(qkv.k_head_stride * elem, qkv.kv_heads, 16) &&
-         ok_stride(qkv.k_row_stride * elem, qkv.length, 16);
+         ok_stride(qkv.k_row_stride * elem, rows, 16);
 }
 
 template <class KS, typename T, int HB>
@@ -576,6 +630,9 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
   if (qkv.batch * qkv.q_heads * qkv.length == 0) return cudaSuccess;
   if (qkv.kv_heads <= 0 || qkv.q_heads % qkv.kv_heads != 0) return cudaErrorInvalidValue;
   if (p.share_gqa && workspace == nullptr) return cudaErrorInvalidValue;
+  if (!paging_supported(p.from_summary ? p.summary.paging : qkv.paging, qkv.length)) {
+    return cudaErrorInvalidValue;
+  }
   DeviceInfo info;
   cudaError_t err = current_device_info(&info);
   if (err != cudaSuccess) return err;
@@ -593,9 +650,15 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
       constexpr int D = decltype(dim)::value;
       return dispatch_heads_per_block(plan.hb, cudaErrorInvalidValue, [&](auto hb) {
         constexpr int HB = decltype(hb)::value;
-        return p.from_summary
-                   ? launch_logits<SummaryKeys<D>, T, HB>(p, plan, logits, partials, stream)
-                   : launch_logits<DenseKeys<T, D>, T, HB>(p, plan, logits, partials, stream);
+        if (p.from_summary) {
+          return p.summary.paging.paged()
+                     ? launch_logits<SummaryKeys<D, true>, T, HB>(p, plan, logits, partials, stream)
+                     : launch_logits<SummaryKeys<D, false>, T, HB>(p, plan, logits, partials,
+                                                                   stream);
+        }
+        return p.qkv.paging.paged()
+                   ? launch_logits<DenseKeys<T, D, true>, T, HB>(p, plan, logits, partials, stream)
+                   : launch_logits<DenseKeys<T, D, false>, T, HB>(p, plan, logits, partials, stream);
       });
     });
   });

@@ -6,7 +6,8 @@
 // log-weights are added to the logits; entries < 0 or >= length are skipped, as
 // are entries with log-weight -inf). Each block writes its split's partial
 // (out = sum w V / sum w, lse = m + log sum w), or (0, -inf) for an empty split
-// and NaN for a split that folded a NaN logit.
+// and NaN for a split that folded a NaN logit. K/V contiguous or paged
+// (qkv.paging): the gather kernel reads rows either way.
 #include "kv_gather_cuda.cuh"
 #include "sparse_attention.h"
 

@@ -1,8 +1,13 @@
 """Sample budgets from pilot statistics: the (epsilon, delta) maths of docs/algorithm.md.
 
 Everything here is vectorised torch on the device of its inputs, with no host
-synchronisation: budgets stay device tensors. Per query head, with R the residual
-(n_r tokens), a pilot of P uniform draws from R and the exact deterministic part:
+synchronisation: budgets stay device tensors. decode's fixed path runs the same maths as
+one op (plan_fixed_budget -> op plan_budget, csrc/vattention/budget.h) instead of about a
+hundred small torch ops; the functions below are its float64 reference and what the
+adaptive heavy-size path runs.
+
+Per query head, with R the residual (n_r tokens), a pilot of P uniform draws from R and
+the exact deterministic part:
 
     Z^ = Z_f + n_r mean(w),  N^ = Z_f O_f + n_r mean(w V),  O^ = N^ / Z^
 
@@ -29,9 +34,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
+
+from . import ops
 
 Tensor = torch.Tensor
 
@@ -271,3 +278,41 @@ def required_samples(rule: str, est: ResidualEstimate, n_residual: Tensor, pilot
     if fpc:
         samples = finite_population_correction(samples, n_residual)
     return samples
+
+
+def rule_z(rule: str, delta: float) -> float:
+    """The normal quantile z of `rule` at delta, as required_samples uses it (host float)."""
+    if rule == "denominator":
+        return z_one_sided(delta)
+    if rule == "paper":
+        return z_two_sided(delta / 2.0)
+    if rule == "ratio":
+        return z_two_sided(delta)
+    raise ValueError(f"unknown budget rule {rule!r}")
+
+
+class FixedBudget(NamedTuple):
+    """The fixed decode path's budget stage, as the later stages read it."""
+
+    final_wanted: Tensor       # int32 [lists]: the final sample's num_samples
+    reused: Tensor             # int32 [lists]: pilot draws the estimate reuses (0 without reuse)
+    exact: Tensor              # bool [lists]: the residual is attended exactly
+    required: Tensor           # float64 [B, Hq]: the rule's budget b (inf / NaN kept)
+    n_residual_heads: Tensor   # int64 [B, Hq]: each head's list's n_r
+
+
+def plan_fixed_budget(det_out: Tensor, det_lse: Tensor, pilot_max: Tensor, moments: Tensor,
+                      vector_moments: Tensor, pilot_counts: Tensor, n_residual: Tensor,
+                      rule: str, epsilon: float, delta: float, min_samples: int,
+                      reuse_pilot: bool, dispersion: Optional[Tensor] = None) -> FixedBudget:
+    """Op plan_budget (csrc/vattention/budget.h): estimate, required_samples (dispersion
+    given: the chi-square tail, via effective_dimension and chi2_factor), the NaN-pilot and
+    enumerated-pilot exact fallbacks, min_samples, the max over a list's heads and the
+    pilot reuse, in one kernel. pilot_counts int32 / n_residual int64 are per list
+    [B * lists]; the other inputs per query head, as pilot_stats / sparse_attention
+    return them."""
+    table = None if dispersion is None else _chi2_table(delta, det_out.device)
+    return FixedBudget(*ops.plan_budget(
+        det_out, det_lse, pilot_max, moments, vector_moments, pilot_counts, n_residual,
+        dispersion, table, rule, epsilon, rule_z(rule, delta), TAIL_DIM_SHRINK, min_samples,
+        reuse_pilot))

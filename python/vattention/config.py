@@ -275,18 +275,25 @@ def _shape(t) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_qkv(q, k, v=None, *, dtypes=KERNEL_DTYPES) -> None:
+def check_qkv(q, k, v=None, *, dtypes=KERNEL_DTYPES, block_table=None) -> None:
     """Raises a ValueError / TypeError naming the argument unless q [batch, q_heads, head_dim]
     and k, v [batch, kv_heads, length, head_dim] fit together (q_heads a multiple of kv_heads,
     one dtype, one device). v may be None (an op that reads only K). dtypes: the allowed
-    dtypes, or None for any floating-point dtype (the plain-torch references)."""
+    dtypes, or None for any floating-point dtype (the plain-torch references).
+
+    block_table (int32 [batch, max_blocks], last dim contiguous, on q's device): a paged
+    cache (attention_params.h). k and v are then pools [num_blocks, kv_heads, block_size,
+    head_dim] of any strides, and the logical length is max_blocks * block_size
+    (`kv_length`)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {_shape(q)}")
+    paged = block_table is not None
+    layout = ("[num_blocks, kv_heads, block_size, head_dim] (a paged cache's pool)" if paged
+              else "[batch, kv_heads, length, head_dim]")
     named = (("k", k),) if v is None else (("k", k), ("v", v))
     for name, t in named:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be [batch, kv_heads, length, head_dim], "
-                             f"got {_shape(t)}")
+            raise ValueError(f"{name} must be {layout}, got {_shape(t)}")
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if dtypes is None:
@@ -303,11 +310,40 @@ def check_qkv(q, k, v=None, *, dtypes=KERNEL_DTYPES) -> None:
     if any(t.device != q.device for t in tensors):
         raise ValueError(f"{which} must be on one device, got "
                          f"{', '.join(str(t.device) for t in [q] + tensors)}")
-    if k.shape[0] != q.shape[0]:
+    if paged:
+        _check_block_table(block_table, q, k)
+    elif k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has {q.shape[0]}")
     if k.shape[3] != q.shape[2]:
         raise ValueError(f"k has head_dim {k.shape[3]} but q has {q.shape[2]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if k.shape[2] >= MAX_LENGTH:
-        raise ValueError(f"k's length must be < 2^31 - 1, got {k.shape[2]}")
+    length = kv_length(k, block_table)
+    if length >= MAX_LENGTH:
+        what = "max_blocks * block_size" if paged else "k's length"
+        raise ValueError(f"{what} must be < 2^31 - 1, got {length}")
+
+
+def kv_length(k, block_table=None) -> int:
+    """The logical length N of a cache: k.shape[2], or max_blocks * block_size when paged."""
+    if block_table is None:
+        return k.shape[2]
+    return block_table.shape[1] * k.shape[2]
+
+
+def _check_block_table(block_table, q, k) -> None:
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        raise ValueError(f"block_table must be an int32 tensor [batch, max_blocks], got "
+                         f"{_shape(block_table)}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table has batch {block_table.shape[0]} but q has {q.shape[0]}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device {q.device}, got "
+                         f"{block_table.device}")
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        raise ValueError(f"block_table's last dim must be contiguous, got strides "
+                         f"{tuple(block_table.stride())}")
+    if k.shape[2] == 0:
+        raise ValueError(f"k's block_size (dim 2 of the pool) must be > 0, got {tuple(k.shape)}")

@@ -19,7 +19,7 @@ import torch
 from . import budget as budget_rules
 from . import heavy_size
 from . import ops
-from .config import VAttentionConfig, check_qkv, resolve_size, resolve_sizes
+from .config import VAttentionConfig, check_qkv, kv_length, resolve_size, resolve_sizes
 from .key_summary import FORMATS as SUMMARY_FORMATS, KeySummary, summary_bytes
 from .select import select_scores
 
@@ -65,7 +65,8 @@ def _host_ints(values: Sequence[int], device: torch.device) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
 
 
-def _lengths(seq_lens, batch: int, length: int, device: torch.device) -> Tensor:
+def _lengths(seq_lens, batch: int, length: int, device: torch.device,
+             paged: bool = False) -> Tensor:
     if seq_lens is None:
         return torch.full((batch,), length, dtype=torch.int64, device=device)
     if not isinstance(seq_lens, Tensor):
@@ -77,7 +78,8 @@ def _lengths(seq_lens, batch: int, length: int, device: torch.device) -> Tensor:
         # Host data: checking it costs no synchronisation.
         values = seq_lens.tolist()
         if any(n < 0 or n > length for n in values):
-            raise ValueError(f"seq_lens must lie in [0, {length}] (k's length), got {values}")
+            what = "max_blocks * block_size" if paged else "k's length"
+            raise ValueError(f"seq_lens must lie in [0, {length}] ({what}), got {values}")
         return _host_ints(values, device)
     if seq_lens.device != device and seq_lens.device.type != "cpu":
         raise ValueError(f"seq_lens must be on the CPU or on {device}, got {seq_lens.device}")
@@ -130,12 +132,21 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
            seq_lens: Union[None, Tensor, Sequence[int]] = None, scale: Optional[float] = None,
            seed: SeedLike = None, return_stats: bool = False,
            stage_timer: Optional[Callable[[str], ContextManager]] = None,
-           key_summary: Optional[KeySummary] = None):
+           key_summary: Optional[KeySummary] = None, block_table: Optional[Tensor] = None):
     """Sparse attention of one decode query per (batch, head) with an (epsilon, delta) guarantee.
 
     q: [B, Hq, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0; seq_lens: [B] valid lengths
     (default N); scale: logit scale (default 1/sqrt(D)); seed: None (torch's generator),
     an int, a (seed, offset) pair, or an int64 device tensor [seed, offset].
+    block_table: a paged KV cache (int32 [B, max_blocks] on q's device, last dim
+    contiguous): k and v are then pools [num_blocks, Hkv, block_size, D] of any strides (an
+    NHD cache [num_blocks, block_size, Hkv, D] is passed as cache.permute(0, 2, 1, 3)),
+    batch row b's logical row r is slot r % block_size of block block_table[b, r //
+    block_size], N = max_blocks * block_size, and seq_lens is required. No row is copied:
+    every stage reads the pool through the table, and a step gives the same heavy sets,
+    budgets, samples and (to fp rounding) output as on the contiguous cache it pages. A
+    key_summary is then a paged one over the same pool and table
+    (key_summary.build_key_summary(k, block_table=...); "int4" and "oracle" only).
     key_summary: the summary of k (vattention.key_summary, kept beside the cache) that
     selector "int4" or "int3_channel" scores, in that selector's format; None builds one from k (convenient for one-off calls, and not
     counted in relative_bytes: a cache pays it once per appended token). Ignored by "oracle".
@@ -149,14 +160,22 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     cfg = VAttentionConfig() if cfg is None else cfg
     if not isinstance(cfg, VAttentionConfig):
         raise TypeError(f"cfg must be a VAttentionConfig, got {type(cfg).__name__}")
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, block_table=block_table)
     batch, q_heads, dim = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    kv_heads, length = k.shape[1], kv_length(k, block_table)
     device = q.device
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale}")
-    lengths = _lengths(seq_lens, batch, length, device)
+    if block_table is not None:
+        if seq_lens is None:
+            # A pool has no batch rows: the valid lengths cannot default to N.
+            raise ValueError("seq_lens is required with block_table (a paged cache)")
+        if cfg.selector == "int3_channel":
+            raise ValueError("selector 'int3_channel' does not support a paged cache "
+                             "(block_table): its 64-token blocks cross the cache's blocks; "
+                             "use 'int4' or 'oracle'")
+    lengths = _lengths(seq_lens, batch, length, device, paged=block_table is not None)
     rng = _rng_state(seed, device)
     list_heads = kv_heads if cfg.share_gqa else q_heads
     if cfg.selector in SUMMARY_FORMATS and key_summary is not None:
@@ -164,7 +183,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         if not isinstance(key_summary, KeySummary):
             raise TypeError(f"key_summary must be a vattention.key_summary.KeySummary, got "
                             f"{type(key_summary).__name__}")
-        key_summary.check(batch, kv_heads, length, dim, device, format=cfg.selector)
+        key_summary.check(batch, kv_heads, length, dim, device, format=cfg.selector,
+                          pool=None if block_table is None else (k.shape[0], k.shape[2]))
 
     # Token budget of every row, as device tensors [B].
     sink = resolve_sizes(cfg.sink, lengths)
@@ -185,11 +205,12 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     if cfg.heavy_sizes:
         return _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage,
                                 return_stats, (sink, local, sink_max, local_max), pilot_max,
-                                list_heads, starts_rows, ends_rows)
+                                list_heads, starts_rows, ends_rows, block_table)
 
     if heavy_max > 0 and union:
         with stage("select_scores"):
-            scores = select_scores(q, k, lengths, scale, False, cfg.selector, key_summary)
+            scores = select_scores(q, k, lengths, scale, False, cfg.selector, key_summary,
+                                   block_table=block_table)
         with stage("select_topk"):
             per_head = ops.select_topk(scores.reshape(batch * q_heads, length),
                                        _per_list(window_start, q_heads),
@@ -199,7 +220,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     elif heavy_max > 0:
         with stage("select_scores"):
             scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
-                                   key_summary)
+                                   key_summary, block_table=block_table)
         with stage("select_topk"):
             heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows,
                                         ends_rows, _per_list(heavy, list_heads), heavy_max)
@@ -225,7 +246,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
                             device=device)
     with stage("attend"):
         det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
-                                                cfg.num_splits)
+                                                cfg.num_splits, block_table=block_table)
 
     with stage("pilot"):
         pilot_idx, _, pilot_counts = ops.sample_residual(
@@ -233,58 +254,37 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
             pilot_max, ops.PILOT_DRAWS)
         pilot_max_logit, moments, vector_moments = ops.pilot_stats(
             q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
-            pilot_counts.view(batch, list_heads), scale)
+            pilot_counts.view(batch, list_heads), scale, block_table=block_table)
 
     # Budget per query head, then per list (max over the heads that share it).
     with stage("budget"):
-        n_residual_heads = _per_head(n_residual, batch, list_heads, q_heads)
-        pilot_heads = _per_head(pilot_counts, batch, list_heads, q_heads)
-        estimate = budget_rules.estimate(det_out, det_lse, pilot_max_logit, moments,
-                                         vector_moments, pilot_heads, n_residual_heads)
-        effective_dim = None
+        dispersion = None
         if cfg.tail == "chi2":
             # The terms' spread needs O^, known only after the pilot: a second read of the
             # pilot's rows (the rows stay few: p = base_rate).
+            center = ops.residual_center(det_out, det_lse, pilot_max_logit, moments,
+                                         vector_moments, pilot_counts, n_residual)
             dispersion = ops.pilot_dispersion(
                 q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
-                pilot_counts.view(batch, list_heads), scale,
-                estimate.o_hat.to(torch.float32).contiguous())
-            effective_dim = budget_rules.effective_dimension(dispersion)
-        required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads,
-                                                 pilot_heads, cfg.epsilon, cfg.delta,
-                                                 effective_dim=effective_dim)
-        # A NaN the pilot read (a logit or a value) must reach the output, but a rule reads
-        # only some of the pilot's statistics (the denominator rule never looks at values):
-        # a NaN in any of them makes the budget NaN, whatever the rule.
-        pilot_nan = (torch.isnan(pilot_max_logit) | torch.isnan(moments).any(-1)
-                     | torch.isnan(vector_moments).flatten(-2).any(-1))
-        required = torch.where(pilot_nan, torch.full_like(required, math.nan), required)
-        n_residual_f = n_residual_heads.to(torch.float64)
-        # A pilot that enumerated the residual already knows it: attend it exactly. So does a
-        # NaN budget (the NaN row is then read, and the NaN reaches the output; clamp, ceil
-        # and a cast to int would make an arbitrary count of it). Otherwise draw at least
-        # min_samples: the CLT behind the budget needs a few dozen.
-        attend_exactly = (pilot_heads.to(torch.float64) >= n_residual_f) | torch.isnan(required)
-        wanted = torch.where(attend_exactly, n_residual_f,
-                             required.clamp(min=float(cfg.min_samples)))
-        wanted = torch.minimum(torch.ceil(wanted), n_residual_f)
-        wanted_lists = wanted.view(batch, list_heads, -1).amax(dim=2).reshape(-1)
-        # The exact fallback enumerates the residual with weight 1 (the sampler does so
-        # when asked for n_r or more): the pilot must then not be counted a second time.
-        exact_lists = wanted_lists >= n_residual.to(torch.float64)
-        if cfg.reuse_pilot:
-            reused = torch.where(exact_lists, torch.zeros_like(pilot_counts), pilot_counts)
-            # wanted >= min_samples already, so pilot + remainder reaches min_samples.
-            final_wanted = torch.where(exact_lists, wanted_lists,
-                                       (wanted_lists - reused.to(torch.float64)).clamp(min=0.0))
-        else:
-            final_wanted = wanted_lists
+                pilot_counts.view(batch, list_heads), scale, center, block_table=block_table)
+        # One op (budget.h): the rule's budget per head (NaN where the pilot read a NaN,
+        # whatever the rule, so that the NaN reaches the output), the exact fallback (a
+        # pilot that enumerated its residual, or a NaN budget), min_samples, the max over
+        # a list's heads, and the pilot draws the final sample tops up.
+        final_wanted, reused, exact_lists, required, n_residual_heads = (
+            budget_rules.plan_fixed_budget(det_out, det_lse, pilot_max_logit, moments,
+                                           vector_moments, pilot_counts, n_residual, cfg.rule,
+                                           cfg.epsilon, cfg.delta, cfg.min_samples,
+                                           cfg.reuse_pilot, dispersion))
+        if return_stats:
+            pilot_heads = _per_head(pilot_counts, batch, list_heads, q_heads)
+            n_residual_f = n_residual_heads.to(torch.float64)
 
     reused_counts = reused if cfg.reuse_pilot else None
     out, sample_idx, sample_counts, draws = _sample_and_combine(
         q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
         [(det_out, det_lse)], reused_counts, (pilot_max_logit, moments, vector_moments),
-        n_residual_heads)
+        n_residual_heads, length, block_table)
     if not return_stats:
         return out
 
@@ -292,7 +292,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
     exact = _per_head(exact_lists, batch, list_heads, q_heads)
     read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
-    for idx in (pilot_idx, sample_idx):
+    for idx in (_within_count(pilot_idx, pilot_counts), _within_count(sample_idx, sample_counts)):
         read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
     sampled_rows_read = read[:, :length].sum(dim=1)
     deterministic = (sink + local)[:, None] + heavy_lists                  # [B, lists]
@@ -344,7 +344,7 @@ def _within_count(indices: Tensor, counts: Tensor) -> Tensor:
 
 
 def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, return_stats,
-                     fixed, pilot_max, list_heads, starts_rows, ends_rows):
+                     fixed, pilot_max, list_heads, starts_rows, ends_rows, block_table):
     """decode with cfg.heavy_sizes: per list the heavy size of heavy_size.plan's choice.
 
     Kernels: one select_topk per candidate; exact attention over the fixed set and T_0; one
@@ -353,7 +353,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     over T_chosen minus T_0, the final sample from R_chosen topping up the pilot draws that
     lie in R_chosen (reuse_pilot), and one combine."""
     batch, q_heads, _ = q.shape
-    length = k.shape[2]
+    length = kv_length(k, block_table)
     device = q.device
     group = q_heads // list_heads
     rows = batch * list_heads
@@ -366,7 +366,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     if top_max > 0:
         with stage("select_scores"):
             scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
-                                   key_summary).reshape(rows, length)
+                                   key_summary, block_table=block_table).reshape(rows, length)
         with stage("select_topk"):
             candidates = [ops.select_topk(scores, starts_rows, ends_rows,
                                           _per_list(m, list_heads), bound)
@@ -386,7 +386,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
                             device=device)
     with stage("attend"):
         det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
-                                                cfg.num_splits)
+                                                cfg.num_splits, block_table=block_table)
 
     n_r0 = n_residual_c[0].reshape(-1)
     pilot_wanted = torch.where(n_r0 > 0, resolve_sizes(cfg.base_rate, n_r0).clamp(min=2),
@@ -400,7 +400,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
         full_counts = torch.full((batch, list_heads), pilot_max, dtype=torch.int32,
                                  device=device)
         bands = [ops.pilot_stats(q, k, v, torch.where(depth == band, pilot_idx, -1).view(
-                     batch, list_heads, pilot_max), full_counts, scale)
+                     batch, list_heads, pilot_max), full_counts, scale, block_table=block_table)
                  for band in range(1, len(bounds) + 1)]
         max_logit_c, moments_c, vector_c = heavy_size.merge_bands(bands)
         p_lists = torch.stack([(depth > c).sum(dim=1) for c in range(len(bounds))])
@@ -421,7 +421,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
             extra_pilot_reads.append(pilot_idx)
             effective_dim = budget_rules.effective_dimension(ops.pilot_dispersion(
                 q, k, v, pilot_idx.view(batch, list_heads, pilot_max), full_counts, scale,
-                center))[None].expand(len(bounds), -1, -1)
+                center, block_table=block_table))[None].expand(len(bounds), -1, -1)
         required = budget_rules.required_samples(cfg.rule, estimate, n_residual_heads, p_c,
                                                  cfg.epsilon, cfg.delta,
                                                  effective_dim=effective_dim)
@@ -455,13 +455,15 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
         with stage("attend"):
             partials.append(ops.sparse_attention(q, k, v, extra_idx.view(batch, list_heads,
                                                                          top_max),
-                                                 None, extra_counts, scale, cfg.num_splits))
+                                                 None, extra_counts, scale, cfg.num_splits,
+                                                 block_table=block_table))
     pilot_stats_chosen = (heavy_size.pick(max_logit_c, choice_heads).to(torch.float32),
                           heavy_size.pick(moments_c, choice_heads),
                           heavy_size.pick(vector_c, choice_heads))
     out, sample_idx, sample_counts, draws = _sample_and_combine(
         q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
-        partials, reused if cfg.reuse_pilot else None, pilot_stats_chosen, n_residual_heads)
+        partials, reused if cfg.reuse_pilot else None, pilot_stats_chosen, n_residual_heads,
+        length, block_table)
     if not return_stats:
         return out
 
@@ -505,14 +507,15 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
 
 
 def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows,
-                        final_wanted, partials, reused, pilot_stats, n_residual_heads):
+                        final_wanted, partials, reused, pilot_stats, n_residual_heads, length,
+                        block_table):
     """The final sample of the residual, its attention, and the combine of every partial:
     partials (the exact parts), then with reuse_pilot the reused pilot draws (reused [lists]
     counts; pilot_stats: their max_logit, moments, vector_moments per head) and the sample.
     Returns (out in q's dtype, sample indices, sample counts, draws in the estimate)."""
     batch, q_heads, _ = q.shape
     list_heads = heavy_idx.shape[0] // batch
-    sample_max = max(k.shape[2], 1)
+    sample_max = max(length, 1)
     with stage("sample"):
         sample_idx, sample_log_weights, sample_counts = ops.sample_residual(
             heavy_idx, starts_rows, ends_rows, final_wanted.to(torch.int32), rng,
@@ -521,7 +524,8 @@ def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows,
         sample_out, sample_lse = ops.sparse_attention(
             q, k, v, sample_idx.view(batch, list_heads, sample_max),
             sample_log_weights.view(batch, list_heads, sample_max),
-            sample_counts.view(batch, list_heads), scale, cfg.num_splits)
+            sample_counts.view(batch, list_heads), scale, cfg.num_splits,
+            block_table=block_table)
     draws = sample_counts
     with stage("combine"):
         partials = list(partials)
@@ -585,7 +589,8 @@ def _relative_bytes(cfg: VAttentionConfig, k: Tensor, lengths: Tensor, heavy_max
     heavy hitter. Each attention / pilot list loads the K and V rows of its valid entries
     (2 D elem each), a duplicate or a row also in another kernel's list counting again; a
     list shared by the group counts once for the group, per-head lists each count for it."""
-    batch, kv_heads, _, dim = k.shape
+    # k: the cache or its pool (paged): only its heads, head dim and element size count.
+    batch, kv_heads, dim = lengths.shape[0], k.shape[1], k.shape[3]
     elem = k.element_size()
     group_lists = list_heads // kv_heads                    # lists per KV group: 1 or group
     rows = _valid_entries(det_idx, det_counts)

@@ -10,7 +10,9 @@ A token costs D / 2 + 4 D / 32 bytes (80 at D = 128), 0.156 of the K and V rows 
 The summary is built once at prefill (`build_key_summary`) and kept in step with the cache
 as decode appends tokens (`update_key_summary`, in place); both run the summarize_keys op
 where it supports the inputs, else the plain-torch reference `summarize_keys_torch`, which
-writes the same bytes.
+writes the same bytes. A paged cache (decode's block_table) keeps a paged int4 summary
+(KeySummary.paged): per physical block like the pool, read and written through the same
+block table.
 
 "int3_channel" (KIVI-style per-channel quantisation): 3-bit codes, with a zero and a step per
 channel and block of 64 consecutive tokens (fp16), quantising each channel over the block's
@@ -39,7 +41,7 @@ is built, updated and scored (dequantised, then select_scores_torch) in plain to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -89,11 +91,17 @@ class KeySummary:
     and params [B, Hkv, N, D / 32, 2] fp16 (zero, step) of every channel group.
     format "int3_channel": codes [B, Hkv, N, 3 D / 8] uint8 and params
     [B, Hkv, ceil(N / 64), D, 2] fp16 (zero, step) of every channel and block of 64 tokens
-    (the module's docstring has the bit layout)."""
+    (the module's docstring has the bit layout).
+
+    paged (int4 only): the summary of a paged cache, kept per physical block like the cache:
+    codes [num_blocks, Hkv, block_size, D / 2] and params [num_blocks, Hkv, block_size,
+    D / 32, 2], read through the cache's block table (the same bytes per token). `length` is
+    then the block size."""
 
     codes: Tensor
     params: Tensor
     format: str = "int4"
+    paged: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -112,36 +120,54 @@ class KeySummary:
         return summary_bytes_per_token(self.head_dim, self.format)
 
     def check(self, batch: int, kv_heads: int, length: int, head_dim: int,
-              device: torch.device, name: str = "key_summary", format: str = None) -> None:
+              device: torch.device, name: str = "key_summary", format: str = None,
+              pool: Optional[Tuple[int, int]] = None) -> None:
         """Raises a ValueError naming `name` unless this summarises such a K (in `format`,
-        when given: the selector that will score it)."""
+        when given: the selector that will score it). pool: (num_blocks, block_size) of a
+        paged cache, whose summary must then be a paged one of that pool (batch and length
+        are the logical ones and are not checked against it); None: a contiguous cache."""
         if self.format not in FORMATS:
             raise ValueError(f"{name}.format must be one of {FORMATS}, got {self.format!r}")
         if format is not None and self.format != format:
             raise ValueError(f"{name} is an {self.format!r} summary; selector {format!r} "
                              f"needs a {format!r} one")
+        if pool is not None and not self.paged:
+            raise ValueError(f"{name} is not paged but the cache is (block_table given): build "
+                             f"it over the pool with build_key_summary(k, block_table=...)")
+        if pool is None and self.paged:
+            raise ValueError(f"{name} is paged (one row per pool slot): pass the cache's "
+                             f"block_table, or a contiguous summary for a contiguous cache")
+        if self.paged and self.format != "int4":
+            raise ValueError(f"{name}: only an 'int4' summary can be paged, got {self.format!r}")
+        if pool is not None:
+            batch, length = pool
         codes, params = self.codes, self.params
         channel = self.format == "int3_channel"
         code_shape = "3 head_dim / 8" if channel else "head_dim / 2"
-        param_shape = ("ceil(length / 64), head_dim, 2" if channel
-                       else "length, head_dim / 32, 2")
+        if self.paged:
+            rows, param_rows = "num_blocks, kv_heads, block_size", "block_size, head_dim / 32, 2"
+        else:
+            rows = "batch, kv_heads, length"
+            param_rows = ("ceil(length / 64), head_dim, 2" if channel
+                          else "length, head_dim / 32, 2")
         if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 4:
-            raise ValueError(f"{name}.codes must be a uint8 tensor [batch, kv_heads, length, "
-                             f"{code_shape}], got {_describe(codes)}")
+            raise ValueError(f"{name}.codes must be a uint8 tensor [{rows}, {code_shape}], "
+                             f"got {_describe(codes)}")
         if not isinstance(params, Tensor) or params.dtype != torch.float16 or params.dim() != 5:
-            raise ValueError(f"{name}.params must be a float16 tensor [batch, kv_heads, "
-                             f"{param_shape}], got {_describe(params)}")
+            raise ValueError(f"{name}.params must be a float16 tensor "
+                             f"[{rows.rsplit(', ', 1)[0]}, {param_rows}], got {_describe(params)}")
         if channel:
             want_codes = (batch, kv_heads, length, 3 * head_dim // 8)
             want_params = (batch, kv_heads, _blocks(length), head_dim, 2)
         else:
             want_codes = (batch, kv_heads, length, head_dim // 2)
             want_params = (batch, kv_heads, length, head_dim // GROUP, 2)
+        of = "k's pool" if self.paged else "k"
         if tuple(codes.shape) != want_codes:
-            raise ValueError(f"{name}.codes must have shape {want_codes} for k, got "
+            raise ValueError(f"{name}.codes must have shape {want_codes} for {of}, got "
                              f"{tuple(codes.shape)}")
         if tuple(params.shape) != want_params:
-            raise ValueError(f"{name}.params must have shape {want_params} for k, got "
+            raise ValueError(f"{name}.params must have shape {want_params} for {of}, got "
                              f"{tuple(params.shape)}")
         if codes.device != device or params.device != device:
             raise ValueError(f"{name} must be on {device}, got {codes.device} and {params.device}")
@@ -168,10 +194,14 @@ def _check_k(k, name: str = "k", format: str = "int4") -> None:
 
 
 def empty_key_summary(batch: int, kv_heads: int, length: int, head_dim: int,
-                      device=None, format: str = "int4") -> KeySummary:
-    """An uninitialised summary of `length` tokens (a cache's capacity), to fill in place."""
+                      device=None, format: str = "int4", paged: bool = False) -> KeySummary:
+    """An uninitialised summary of `length` tokens (a cache's capacity), to fill in place.
+    paged: the summary of a paged cache's pool, `batch` its num_blocks and `length` its
+    block_size (int4 only): a side buffer kept per physical block beside the cache."""
     _check_format(format)
     _check_head_dim(head_dim, format)
+    if paged and format != "int4":
+        raise ValueError(f"only an 'int4' summary can be paged, got format {format!r}")
     if format == "int3_channel":
         return KeySummary(
             torch.empty(batch, kv_heads, length, 3 * head_dim // 8, dtype=torch.uint8,
@@ -181,7 +211,7 @@ def empty_key_summary(batch: int, kv_heads: int, length: int, head_dim: int,
     return KeySummary(
         torch.empty(batch, kv_heads, length, head_dim // 2, dtype=torch.uint8, device=device),
         torch.empty(batch, kv_heads, length, head_dim // GROUP, 2, dtype=torch.float16,
-                    device=device))
+                    device=device), paged=paged)
 
 
 def _op_supports(k: Tensor, summary: KeySummary) -> bool:
@@ -194,27 +224,55 @@ def _op_supports(k: Tensor, summary: KeySummary) -> bool:
         "vattention::summarize_keys", "CUDA"))
 
 
-def build_key_summary(k: Tensor, format: str = "int4",
-                      lengths: Optional[Tensor] = None) -> KeySummary:
+def build_key_summary(k: Tensor, format: str = "int4", lengths: Optional[Tensor] = None,
+                      block_table: Optional[Tensor] = None) -> KeySummary:
     """The summary of every row of k [B, Hkv, N, D] (prefill). lengths ([B], optional):
     batch row b's valid rows; int3_channel leaves the rows beyond it out of its block
-    parameters (int4 summarises each row alone, so it needs none)."""
+    parameters (int4 summarises each row alone, so it needs none).
+
+    block_table (int32 [B, max_blocks]): k is a paged cache's pool [num_blocks, Hkv,
+    block_size, D] (any strides) and the result a paged summary of every slot of the pool
+    (int4 only; lengths unused). An int4 row's summary depends on that row alone, so the
+    pool is summarised as it lies, blocks as batch rows: the table changes nothing but the
+    reading, and a slot the table does not reach costs a few bytes and is never scored."""
     _check_format(format)
     _check_k(k, format=format)
+    if block_table is not None:
+        if format != "int4":
+            raise ValueError(f"only an 'int4' summary can be paged (block_table given), got "
+                             f"format {format!r}")
+        _check_table(block_table, k.device)
     if format == "int3_channel":
         return summarize_keys_torch(k, format, lengths)
     batch, kv_heads, length, dim = k.shape
     summary = empty_key_summary(batch, kv_heads, length, dim, device=k.device)
     update_key_summary(summary, k, 0)
+    summary.paged = block_table is not None
     return summary
 
 
-def update_key_summary(summary: KeySummary, k_new: Tensor,
-                       row_begin: Union[int, Tensor], k_cache: Optional[Tensor] = None) -> None:
+def _check_table(block_table, device) -> None:
+    if (not isinstance(block_table, Tensor) or block_table.dtype != torch.int32
+            or block_table.dim() != 2):
+        raise ValueError(f"block_table must be an int32 tensor [batch, max_blocks], got "
+                         f"{_describe(block_table)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on {device}, got {block_table.device}")
+
+
+def update_key_summary(summary: KeySummary, k_new: Tensor, row_begin: Union[int, Tensor],
+                       block_table: Optional[Tensor] = None, *,
+                       k_cache: Optional[Tensor] = None) -> None:
     """Writes the summary of k_new [B, Hkv, rows, D] into positions row_begin[b] + [0, rows)
     of `summary`, in place (decode: the appended tokens). Positions at or beyond the
     summary's length are skipped. row_begin: an int for every row, or an int64 [B] tensor on
     k_new's device (int4: no host sync).
+
+    block_table (int32 [B, max_blocks], on k_new's device): `summary` is a paged one
+    (build_key_summary(pool, block_table=...) or empty_key_summary(..., paged=True)) and
+    logical position p of batch row b is written at slot p % block_size of block
+    block_table[b, p // block_size]; positions at or beyond max_blocks * block_size are
+    skipped. k_new stays contiguous rows [B, Hkv, rows, D] (the new tokens' keys).
 
     int3_channel needs k_cache [B, Hkv, >= row_begin + rows, D], the cache's keys with k_new
     already at those rows: every block the new rows touch is re-summarised from k_cache's
@@ -222,7 +280,15 @@ def update_key_summary(summary: KeySummary, k_new: Tensor,
     cache's yet). int4 ignores k_cache."""
     _check_k(k_new, "k_new", summary.format if summary.format in FORMATS else "int4")
     batch, kv_heads, _, dim = k_new.shape
-    summary.check(batch, kv_heads, summary.length, dim, k_new.device, "summary")
+    if block_table is not None:
+        _check_table(block_table, k_new.device)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table has batch {block_table.shape[0]} but k_new has "
+                             f"{batch}")
+        pool = (summary.codes.shape[0], summary.codes.shape[2])
+        summary.check(batch, kv_heads, 0, dim, k_new.device, "summary", pool=pool)
+    else:
+        summary.check(batch, kv_heads, summary.length, dim, k_new.device, "summary")
     if isinstance(row_begin, Tensor):
         if row_begin.dtype != torch.int64 or tuple(row_begin.shape) != (batch,):
             raise ValueError(f"row_begin must be an int64 tensor [{batch}], got "
@@ -244,7 +310,11 @@ def update_key_summary(summary: KeySummary, k_new: Tensor,
         _update_channel_torch(summary, k_cache, row_begin, k_new.shape[2])
         return
     if _op_supports(k_new, summary):
-        ops.summarize_keys(k_new, summary.codes, summary.params, row_begin)
+        ops.summarize_keys(k_new, summary.codes, summary.params, row_begin,
+                           block_table=block_table)
+        return
+    if block_table is not None:
+        _update_paged_torch(summary, k_new, row_begin, block_table)
         return
     _update_torch(summary, k_new, row_begin)
 
@@ -259,6 +329,25 @@ def _update_torch(summary: KeySummary, k_new: Tensor, row_begin: Tensor) -> None
         pos = positions[b][keep]
         summary.codes[b, :, pos] = fresh.codes[b][:, keep]
         summary.params[b, :, pos] = fresh.params[b][:, keep]
+
+
+def _update_paged_torch(summary: KeySummary, k_new: Tensor, row_begin: Tensor,
+                        block_table: Tensor) -> None:
+    """_update_torch through a block table: position p of batch row b at (block_table[b,
+    p // block_size], p % block_size); positions outside [0, max_blocks * block_size) skipped."""
+    fresh = summarize_keys_torch(k_new)
+    batch, _, rows, _ = k_new.shape
+    block_size = summary.codes.shape[2]
+    device = summary.codes.device
+    positions = row_begin.to(device)[:, None] + torch.arange(rows, device=device)[None, :]
+    keep = (positions >= 0) & (positions < block_table.shape[1] * block_size)   # [B, rows]
+    safe = torch.where(keep, positions, 0)
+    blocks = torch.gather(block_table.to(device).long(), 1, safe // block_size)[keep]
+    slots = (safe % block_size)[keep]
+    # [B, H, rows, ...] -> [B, rows, H, ...], then the kept (b, row) pairs in row-major order,
+    # the order of blocks / slots.
+    summary.codes[blocks, :, slots] = fresh.codes.transpose(1, 2)[keep]
+    summary.params[blocks, :, slots] = fresh.params.transpose(1, 2)[keep]
 
 
 def _update_channel_torch(summary: KeySummary, k_cache: Tensor, row_begin: Tensor,

@@ -3,6 +3,15 @@
 The fake (meta) kernels give torch.compile and CUDA-graph capture the output
 shapes without running anything. The semantics of each op are documented in the
 torch-free headers under csrc/vattention/.
+
+Every op that reads K/V rows or the key summary takes `block_table=None`: given an int32
+[batch, max_blocks] table, k / v (and the summary's codes / params) are pools of physical
+blocks [num_blocks, kv_heads, block_size, ...] (any strides, e.g. an NHD cache passed as
+`cache.permute(0, 2, 1, 3)`), logical row r of batch row b lives in block
+block_table[b, r // block_size] at slot r % block_size, and the logical length is
+max_blocks * block_size (attention_params.h; vattention.paged builds and undoes one).
+On CUDA the table's ids are not checked (that would need a host sync): every id a read row
+maps to must be a block of the pool, as in vLLM and FlashInfer. The CPU ops check them.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.vattention)
-from .config import check_qkv
+from .config import _slackened, check_qkv, kv_length
 
 Tensor = torch.Tensor
 
@@ -38,24 +47,28 @@ def sample_residual(heavy: Tensor, starts: Tensor, ends: Tensor, num_samples: Te
 
 
 def pilot_stats(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
-                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                scale: float, *, block_table: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(max_logit [B,Hq], moments [B,Hq,3], vector_moments [B,Hq,2,D]) of a pilot list."""
-    return torch.ops.vattention.pilot_stats(q, k, v, indices, counts, scale)
+    return torch.ops.vattention.pilot_stats(q, k, v, indices, counts, scale, block_table)
 
 
 def pilot_dispersion(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, counts: Tensor,
-                     scale: float, center: Tensor) -> Tensor:
+                     scale: float, center: Tensor, *,
+                     block_table: Optional[Tensor] = None) -> Tensor:
     """[B, Hq, 3] fp32: (sum_i |c_i|^2, sum_ij (c_i . c_j)^2, sum_i |c_i|^4) of the centred terms
     c_i = x_i - mean(x), x_i = w_i (V_i - center), over a pilot list (pilot.h)."""
-    return torch.ops.vattention.pilot_dispersion(q, k, v, indices, counts, scale, center)
+    return torch.ops.vattention.pilot_dispersion(q, k, v, indices, counts, scale, center,
+                                                 block_table)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
                      log_weights: Optional[Tensor], counts: Tensor, scale: float,
-                     num_splits: int = 0) -> Tuple[Tensor, Tensor]:
+                     num_splits: int = 0, *,
+                     block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention over index lists with per-index log-weights: (out fp32 [B,Hq,D], lse [B,Hq])."""
     return torch.ops.vattention.sparse_attention(q, k, v, indices, log_weights, counts, scale,
-                                                 num_splits)
+                                                 num_splits, block_table)
 
 
 def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
@@ -64,10 +77,11 @@ def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def select_scores(q: Tensor, k: Tensor, lengths: Tensor, scale: float,
-                  share_gqa: bool) -> Tensor:
+                  share_gqa: bool, *, block_table: Optional[Tensor] = None) -> Tensor:
     """Oracle selection scores, fp32: [B, Hkv, N] with share_gqa (max over the group's heads of
     the log-probability), else the logits [B, Hq, N]; -inf at positions >= lengths[b]."""
-    return torch.ops.vattention.select_scores(q, k, lengths, float(scale), bool(share_gqa))
+    return torch.ops.vattention.select_scores(q, k, lengths, float(scale), bool(share_gqa),
+                                              block_table)
 
 
 def _check_rank(t: Tensor, rank: int, name: str, layout: str) -> None:
@@ -93,8 +107,8 @@ def _sample_residual_fake(heavy, starts, ends, num_samples, rng, max_out, draw_s
 
 
 @torch.library.register_fake("vattention::pilot_stats")
-def _pilot_stats_fake(q, k, v, indices, counts, scale):
-    check_qkv(q, k, v)
+def _pilot_stats_fake(q, k, v, indices, counts, scale, block_table=None):
+    check_qkv(q, k, v, block_table=block_table)
     _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
     b, h, d = q.shape
     return (q.new_empty((b, h), dtype=torch.float32),
@@ -103,8 +117,8 @@ def _pilot_stats_fake(q, k, v, indices, counts, scale):
 
 
 @torch.library.register_fake("vattention::pilot_dispersion")
-def _pilot_dispersion_fake(q, k, v, indices, counts, scale, center):
-    check_qkv(q, k, v)
+def _pilot_dispersion_fake(q, k, v, indices, counts, scale, center, block_table=None):
+    check_qkv(q, k, v, block_table=block_table)
     _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
     b, h, d = q.shape
     torch._check(center.shape == (b, h, d) and center.dtype == torch.float32,
@@ -114,8 +128,9 @@ def _pilot_dispersion_fake(q, k, v, indices, counts, scale, center):
 
 
 @torch.library.register_fake("vattention::sparse_attention")
-def _sparse_attention_fake(q, k, v, indices, log_weights, counts, scale, num_splits):
-    check_qkv(q, k, v)
+def _sparse_attention_fake(q, k, v, indices, log_weights, counts, scale, num_splits,
+                           block_table=None):
+    check_qkv(q, k, v, block_table=block_table)
     _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
     b, h, d = q.shape
     return (q.new_empty((b, h, d), dtype=torch.float32),
@@ -131,43 +146,194 @@ def _combine_fake(partial_out, partial_lse):
 
 
 @torch.library.register_fake("vattention::select_scores")
-def _select_scores_fake(q, k, lengths, scale, share_gqa):
-    check_qkv(q, k)
+def _select_scores_fake(q, k, lengths, scale, share_gqa, block_table=None):
+    check_qkv(q, k, block_table=block_table)
     _check_rank(lengths, 1, "lengths", "[batch]")
     batch, q_heads = q.shape[0], q.shape[1]
-    kv_heads, length = k.shape[1], k.shape[2]
+    kv_heads, length = k.shape[1], kv_length(k, block_table)
     return q.new_empty((batch, kv_heads if share_gqa else q_heads, length), dtype=torch.float32)
 
 
 
-def summarize_keys(k: Tensor, codes: Tensor, params: Tensor, row_begin: Tensor) -> None:
+def summarize_keys(k: Tensor, codes: Tensor, params: Tensor, row_begin: Tensor, *,
+                   block_table: Optional[Tensor] = None) -> None:
     """Writes the int4 summary of k [B, Hkv, rows, D] into codes / params (in place) at
-    positions row_begin[b] + [0, rows); positions >= the summary's length are skipped."""
-    torch.ops.vattention.summarize_keys(k, codes, params, row_begin)
+    positions row_begin[b] + [0, rows); positions >= the summary's length are skipped.
+    With block_table only the summary is paged (k is the new rows, contiguous layout)."""
+    torch.ops.vattention.summarize_keys(k, codes, params, row_begin, block_table)
 
 
 def select_scores_summary(q: Tensor, codes: Tensor, params: Tensor, lengths: Tensor,
-                          scale: float, share_gqa: bool) -> Tensor:
-    """select_scores with K replaced by the dequantised int4 summary (the "int4" selector)."""
+                          scale: float, share_gqa: bool, *,
+                          block_table: Optional[Tensor] = None) -> Tensor:
+    """select_scores with K replaced by the dequantised int4 summary (the "int4" selector).
+    With block_table the summary is paged by K's table."""
     return torch.ops.vattention.select_scores_summary(q, codes, params, lengths, float(scale),
-                                                      bool(share_gqa))
+                                                      bool(share_gqa), block_table)
+
+
+def _check_block_table_rank(block_table: Optional[Tensor]) -> None:
+    if block_table is not None:
+        _check_rank(block_table, 2, "block_table", "[batch, max_blocks]")
+        torch._check(block_table.dtype == torch.int32,
+                     lambda: f"vattention: block_table must be int32, got {block_table.dtype}")
 
 
 @torch.library.register_fake("vattention::summarize_keys")
-def _summarize_keys_fake(k, codes, params, row_begin):
+def _summarize_keys_fake(k, codes, params, row_begin, block_table=None):
     _check_rank(k, 4, "k", "[batch, kv_heads, rows, head_dim]")
     _check_rank(codes, 4, "codes", "[batch, kv_heads, length, head_dim / 2]")
     _check_rank(params, 5, "params", "[batch, kv_heads, length, head_dim / 32, 2]")
     _check_rank(row_begin, 1, "row_begin", "[batch]")
+    _check_block_table_rank(block_table)
     return None
 
 
 @torch.library.register_fake("vattention::select_scores_summary")
-def _select_scores_summary_fake(q, codes, params, lengths, scale, share_gqa):
+def _select_scores_summary_fake(q, codes, params, lengths, scale, share_gqa, block_table=None):
     _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
     _check_rank(codes, 4, "codes", "[batch, kv_heads, length, head_dim / 2]")
     _check_rank(params, 5, "params", "[batch, kv_heads, length, head_dim / 32, 2]")
     _check_rank(lengths, 1, "lengths", "[batch]")
+    _check_block_table_rank(block_table)
     batch, q_heads = q.shape[0], q.shape[1]
-    kv_heads, length = codes.shape[1], codes.shape[2]
+    kv_heads, length = codes.shape[1], kv_length(codes, block_table)
     return q.new_empty((batch, kv_heads if share_gqa else q_heads, length), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage "budget" (csrc/vattention/budget.h): one op for the fixed path's budget maths.
+# ---------------------------------------------------------------------------------------
+
+def plan_budget(det_out: Tensor, det_lse: Tensor, pilot_max_logit: Tensor, moments: Tensor,
+                vector_moments: Tensor, pilot_counts: Tensor, n_residual: Tensor,
+                dispersion: Optional[Tensor], chi2_table: Optional[Tensor], rule: str,
+                epsilon: float, z: float, tail_dim_shrink: float, min_samples: int,
+                reuse_pilot: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(final_wanted int32 [lists], reused int32 [lists], exact bool [lists],
+    required float64 [B, Hq], n_residual_heads int64 [B, Hq]) from the deterministic part
+    (det_out, det_lse), the pilot statistics of pilot_stats and per-list pilot_counts (int32)
+    / n_residual (int64) [B * lists]; dispersion + chi2_table for the chi-square tail. z is
+    the rule's normal quantile (vattention.budget.plan_fixed_budget computes it)."""
+    return torch.ops.vattention.plan_budget(
+        det_out, det_lse, pilot_max_logit, moments, vector_moments, pilot_counts, n_residual,
+        dispersion, chi2_table, rule, float(epsilon), float(z), float(tail_dim_shrink),
+        int(min_samples), bool(reuse_pilot))
+
+
+@torch.library.register_fake("vattention::plan_budget")
+def _plan_budget_fake(det_out, det_lse, pilot_max_logit, moments, vector_moments, pilot_counts,
+                      n_residual, dispersion, chi2_table, rule, epsilon, z, tail_dim_shrink,
+                      min_samples, reuse_pilot):
+    _check_rank(det_out, 3, "det_out", "[batch, q_heads, head_dim]")
+    _check_rank(pilot_counts, 1, "pilot_counts", "[batch * list_heads]")
+    torch._check(n_residual.shape == pilot_counts.shape,
+                 lambda: f"vattention: n_residual must have shape {tuple(pilot_counts.shape)}, "
+                 f"got {tuple(n_residual.shape)}")
+    torch._check(rule in ("ratio", "paper", "denominator"),
+                 lambda: f"vattention: rule must be ratio, paper or denominator, got {rule!r}")
+    lists = pilot_counts.shape[0]
+    batch, q_heads = det_out.shape[0], det_out.shape[1]
+    return (pilot_counts.new_empty((lists,), dtype=torch.int32),
+            pilot_counts.new_empty((lists,), dtype=torch.int32),
+            pilot_counts.new_empty((lists,), dtype=torch.bool),
+            det_out.new_empty((batch, q_heads), dtype=torch.float64),
+            det_out.new_empty((batch, q_heads), dtype=torch.int64))
+
+
+def residual_center(det_out: Tensor, det_lse: Tensor, pilot_max_logit: Tensor, moments: Tensor,
+                    vector_moments: Tensor, pilot_counts: Tensor, n_residual: Tensor) -> Tensor:
+    """O^ = N^ / Z^ float32 [B, Hq, D] (budget.estimate's o_hat), the center pilot_dispersion
+    needs for the chi-square tail; inputs as for plan_budget."""
+    return torch.ops.vattention.residual_center(det_out, det_lse, pilot_max_logit, moments,
+                                                vector_moments, pilot_counts, n_residual)
+
+
+@torch.library.register_fake("vattention::residual_center")
+def _residual_center_fake(det_out, det_lse, pilot_max_logit, moments, vector_moments,
+                          pilot_counts, n_residual):
+    _check_rank(det_out, 3, "det_out", "[batch, q_heads, head_dim]")
+    _check_rank(pilot_counts, 1, "pilot_counts", "[batch * list_heads]")
+    return det_out.new_empty(det_out.shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage "plan" (csrc/vattention/plan.h): the fixed path's sizes and fixed index lists.
+# ---------------------------------------------------------------------------------------
+
+PLAN_OUTPUTS = ("lengths", "sink", "local", "window_end", "heavy", "starts_rows", "ends_rows",
+                "heavy_rows", "pilot_wanted", "n_residual", "det_idx", "det_counts")
+
+
+def plan_lists(q: Tensor, lengths: Optional[Tensor], length: int, list_heads: int, sizes,
+               sink_max: int, local_max: int, heavy_max: int) -> Tuple[Tensor, ...]:
+    """The twelve tensors of PLAN_OUTPUTS (plan.h) from the valid lengths (int64 / int32 [B]
+    on q's device; None: `length` for every row): sink, local, window_end and heavy per
+    row as config.resolve_sizes and decode's clamps give them; the samplers' per-list rows
+    (int32 [B * list_heads]); n_residual (int64) and pilot_wanted (int32) per list;
+    det_idx int32 [B, list_heads, sink_max + local_max + heavy_max], the sink and local
+    positions -1 padded and the heavy columns -1; det_counts its full width.
+    sizes: (sink, local, heavy, base_rate) as VAttentionConfig holds them (an int count or
+    a float fraction, slackened here as config.resolve_size does)."""
+    sizes = tuple(sizes)
+    if len(sizes) != 4:
+        raise ValueError(f"sizes must be (sink, local, heavy, base_rate), got {sizes!r}")
+    fractions = [isinstance(s, float) for s in sizes]
+    values = [_slackened(s) if f else float(s) for s, f in zip(sizes, fractions)]
+    return torch.ops.vattention.plan_lists(q, lengths, int(length), int(list_heads), values,
+                                           fractions, int(sink_max), int(local_max),
+                                           int(heavy_max))
+
+
+@torch.library.register_fake("vattention::plan_lists")
+def _plan_lists_fake(q, lengths, length, list_heads, sizes, fractions, sink_max, local_max,
+                     heavy_max):
+    _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    if lengths is not None:
+        _check_rank(lengths, 1, "lengths", "[batch]")
+    torch._check(list_heads >= 1, lambda: f"vattention: list_heads must be >= 1, got {list_heads}")
+    torch._check(len(sizes) == 4 and len(fractions) == 4,
+                 lambda: "vattention: sizes and fractions must hold 4 entries")
+    batch, lists = q.shape[0], q.shape[0] * list_heads
+    width = sink_max + local_max + heavy_max
+    i64 = [q.new_empty((batch,), dtype=torch.int64) for _ in range(5)]
+    i32 = [q.new_empty((lists,), dtype=torch.int32) for _ in range(4)]
+    return (*i64, *i32, q.new_empty((lists,), dtype=torch.int64),
+            q.new_empty((batch, list_heads, width), dtype=torch.int32),
+            q.new_empty((batch, list_heads), dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# Stage "combine" (csrc/vattention/combine.h): the estimate's partials merged and cast.
+# ---------------------------------------------------------------------------------------
+
+def merge_estimate(det_out: Tensor, det_lse: Tensor, extra: Optional[Tuple[Tensor, Tensor]],
+                   sample_out: Tensor, sample_lse: Tensor, sample_counts: Tensor,
+                   reused: Optional[Tensor], pilot_max_logit: Tensor, moments: Tensor,
+                   vector_moments: Tensor, n_residual_heads: Tensor,
+                   out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(out [B, Hq, D] in out_dtype, lse float32 [B, Hq]): the deterministic partial, the
+    optional extra exact partial (out, lse), with reuse (reused int32 [B * lists]) the
+    reused pilot's partial from its statistics (pilot_stats' outputs, float32 or float64)
+    and the sample's partial (sample_counts int32 [B * lists]) reweighted to
+    reused + count draws, merged by online_softmax.h's rule (combine.h)."""
+    extra_out, extra_lse = (None, None) if extra is None else extra
+    return torch.ops.vattention.merge_estimate(det_out, det_lse, extra_out, extra_lse,
+                                               sample_out, sample_lse, sample_counts, reused,
+                                               pilot_max_logit, moments, vector_moments,
+                                               n_residual_heads, out_dtype)
+
+
+@torch.library.register_fake("vattention::merge_estimate")
+def _merge_estimate_fake(det_out, det_lse, extra_out, extra_lse, sample_out, sample_lse,
+                         sample_counts, reused, pilot_max_logit, moments, vector_moments,
+                         n_residual_heads, out_dtype):
+    _check_rank(det_out, 3, "det_out", "[batch, q_heads, head_dim]")
+    _check_rank(sample_counts, 1, "sample_counts", "[batch * list_heads]")
+    torch._check((extra_out is None) == (extra_lse is None),
+                 lambda: "vattention: extra_out and extra_lse go together")
+    torch._check(out_dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"vattention: out_dtype must be float32, float16 or bfloat16, "
+                 f"got {out_dtype}")
+    return (det_out.new_empty(det_out.shape, dtype=out_dtype),
+            det_out.new_empty(det_out.shape[:2], dtype=torch.float32))

@@ -95,7 +95,7 @@ inline const char* dtype_name(DType d) {
 // summary.
 struct QKV {
   Buffer q, k, v;
-  QKVParams params;
+  QKVParams params{};
 };
 
 // q [B, Hq, D] (head stride D + pad), k/v [B, Hkv, N, D] with row stride D + row_pad.
@@ -263,8 +263,10 @@ void test_key_summary();
 void test_select_scores();
 void test_select_topk();
 void test_pilot();
+void test_budget();
 void test_sample();
 void test_sparse_attention();
 void test_combine();
+void test_paged();
 
 }  // namespace vattention::emu_check

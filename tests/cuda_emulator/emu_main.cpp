@@ -25,9 +25,11 @@ int main(int argc, char** argv) {
   test_select_scores();
   test_select_topk();
   test_pilot();
+  test_budget();
   test_sample();
   test_sparse_attention();
   test_combine();
+  test_paged();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

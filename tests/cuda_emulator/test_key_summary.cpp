@@ -46,7 +46,7 @@ float summary_value(std::mt19937& rng, int kind, int d, DType dtype) {
 struct SummaryBuffers {
   std::vector<unsigned char> codes;
   std::vector<half_t> params;
-  KeySummaryParams s;
+  KeySummaryParams s{};
 };
 
 // codes [B, Hkv, N, D/2] and params [B, Hkv, N, D/32, 2] with padded rows (odd when

@@ -128,9 +128,9 @@ def test_oracle_scores_runs_the_op_and_keeps_the_torch_fallback(monkeypatch):
     calls = []
     real = ops.select_scores
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "select_scores", spy)
     for share in (False, True):
