@@ -3,7 +3,10 @@
 // the deterministic + sampled-residual halves of a vAttention estimate.
 #pragma once
 
+#include <limits>
+
 #include "common.h"
+#include "online_softmax.h"
 
 namespace vattention {
 
@@ -21,11 +24,162 @@ struct CombineParams {
 
 void combine_cpu(const CombineParams& p, int64_t item_begin, int64_t item_end);
 
+// Op merge_estimate: the last step of a decode, the estimate's partials merged and cast.
+// Per query head (b, h) of list l = h / group (group = q_heads / list_heads), up to four
+// partials (out, lse), in this order:
+//   the deterministic part (det_out, det_lse); the extra exact part (extra_*, if given);
+//   with reuse (reused given), draws = reused[l] + sample_counts[l], d = max(draws, 1):
+//     the reused pilot from its statistics, sum_w = moments[head, 0]:
+//       out = vector_moments[head, 0, :] / max(sum_w, tiny),
+//       lse = max_logit + log(sum_w) + log(n_residual_heads) - log(d), -inf where
+//             reused[l] == 0 (then nothing of it is read into the output)
+//     the sample: lse = sample_lse + log(sample_counts[l]) - log(d);
+//   without reuse the sample as it is;
+// merged by online_softmax.h's rule (a NaN lse makes the head's lse and out NaN, a NaN
+// in a non-empty partial's out reaches that element, an empty partial is ignored
+// whatever its out holds), then out cast to out_dtype. The statistics may be fp32 (the
+// fixed path's pilot_stats) or fp64 (the adaptive path's band merge): sum_w's log and
+// the pilot's out are computed in their type and rounded to fp32, as decode did.
+struct MergeEstimateParams {
+  // Per query head, [batch * q_heads] flattened, contiguous, fp32.
+  const float* det_out;          // [heads, head_dim]
+  const float* det_lse;          // [heads]
+  const float* extra_out;        // or null
+  const float* extra_lse;
+  const float* sample_out;
+  const float* sample_lse;
+  const float* pilot_max_logit;  // [heads]
+  const void* moments;           // [heads, 3], fp32 or fp64 (stats_double)
+  const void* vector_moments;    // [heads, 2, head_dim], same type
+  bool stats_double;
+  const int64_t* n_residual_heads;  // [heads]
+  // Per list, [batch * list_heads].
+  const int32_t* sample_counts;
+  const int32_t* reused;         // null: no pilot reuse
+  int64_t lists;
+  int64_t group;
+  int64_t head_dim;
+  DType out_dtype;
+  void* out;                     // [heads, head_dim] in out_dtype
+  float* lse;                    // [heads]
+};
+
+constexpr int kMergeMaxPartials = 4;
+
+namespace merge_detail {
+
+VATT_HD float log_f(float x) { return ::logf(x); }
+VATT_HD double log_f(double x) { return ::log(x); }
+template <typename T>
+VATT_HD T tiny() { return std::numeric_limits<T>::min(); }
+VATT_HD bool is_nan(float x) { return is_nan_bits(x); }
+VATT_HD bool is_nan(double x) { return x != x; }
+
+VATT_HD void store(void* out, DType dtype, int64_t i, float x) {
+  if (dtype == DType::kFloat32) {
+    static_cast<float*>(out)[i] = x;
+  } else if (dtype == DType::kFloat16) {
+    static_cast<half_t*>(out)[i] = to_half_rn(x);
+  } else {
+    // Round to nearest even, NaN as torch writes it (0x7fc0).
+    const uint32_t u = float_to_bits(x);
+    const uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u
+                              ? uint16_t(0x7fc0u)
+                              : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    static_cast<bfloat16_t*>(out)[i] = bfloat16_t{bits};
+  }
+}
+
+}  // namespace merge_detail
+
+// The partials of query head `head`: their lse into lse[0..n) and where their out lives.
+// The pilot's out is computed on the fly (merge_estimate_out), so its slot points nowhere.
+struct MergePartials {
+  int n;
+  int pilot;                     // slot of the pilot partial, -1 if none
+  float lse[kMergeMaxPartials];
+  const float* out[kMergeMaxPartials];
+};
+
+template <typename Stat>
+VATT_HD MergePartials merge_partials(const MergeEstimateParams& p, int64_t head) {
+  using namespace merge_detail;
+  const int64_t dim = p.head_dim;
+  MergePartials m;
+  m.n = 0;
+  m.pilot = -1;
+  m.lse[m.n] = p.det_lse[head];
+  m.out[m.n++] = p.det_out + head * dim;
+  if (p.extra_out != nullptr) {
+    m.lse[m.n] = p.extra_lse[head];
+    m.out[m.n++] = p.extra_out + head * dim;
+  }
+  const int64_t list = head / p.group;
+  const int32_t count = p.sample_counts[list];
+  float sample_lse = p.sample_lse[head];
+  if (p.reused != nullptr) {
+    const int32_t reused = p.reused[list];
+    const int32_t draws = reused + count;
+    const float log_draws = log_f(float(draws < 1 ? 1 : draws));
+    const Stat sum_w = static_cast<const Stat*>(p.moments)[head * 3];
+    float pilot_lse = kNegInf;
+    if (reused != 0) {
+      const float log_n_r = log_f(float(p.n_residual_heads[head]));
+      pilot_lse = p.pilot_max_logit[head] + float(log_f(sum_w)) + log_n_r - log_draws;
+    }
+    m.pilot = m.n;
+    m.lse[m.n] = pilot_lse;
+    m.out[m.n++] = nullptr;
+    sample_lse = sample_lse + log_f(float(count)) - log_draws;
+  }
+  m.lse[m.n] = sample_lse;
+  m.out[m.n++] = p.sample_out + head * dim;
+  return m;
+}
+
+// Head `head`'s out entries d = d_begin, d_begin + d_step, ... (and its lse when
+// write_lse), from merge_partials.
+template <typename Stat>
+VATT_HD void merge_estimate_head(const MergeEstimateParams& p, int64_t head, int64_t d_begin,
+                                 int64_t d_step, bool write_lse) {
+  using namespace merge_detail;
+  const MergePartials m = merge_partials<Stat>(p, head);
+  const float merged = merged_lse(m.lse, m.n, 1);
+  if (write_lse) p.lse[head] = merged;
+  const int64_t dim = p.head_dim;
+  const bool nan = is_nan_bits(merged);
+  float weight[kMergeMaxPartials];
+  for (int s = 0; s < m.n; ++s) weight[s] = nan ? 0.f : merge_weight(m.lse[s], merged);
+  const Stat* v1 = static_cast<const Stat*>(p.vector_moments) + head * 2 * dim;
+  Stat sum_w = 0;
+  if (m.pilot >= 0) {
+    sum_w = static_cast<const Stat*>(p.moments)[head * 3];
+    if (!is_nan(sum_w) && sum_w < tiny<Stat>()) sum_w = tiny<Stat>();  // torch.clamp keeps NaN
+  }
+  for (int64_t d = d_begin; d < dim; d += d_step) {
+    float acc = 0.f;
+    if (nan) {
+      acc = quiet_nan();
+    } else {
+      for (int s = 0; s < m.n; ++s) {
+        if (is_neg_inf_bits(m.lse[s])) continue;  // empty partial: its out is never read
+        const float value = s == m.pilot ? float(v1[d] / sum_w) : m.out[s][d];
+        acc += weight[s] * value;
+      }
+    }
+    store(p.out, p.out_dtype, head * dim + d, acc);
+  }
+}
+
+void merge_estimate_cpu(const MergeEstimateParams& p, int64_t head_begin, int64_t head_end);
+
 }  // namespace vattention
 
 #if defined(VATTENTION_WITH_CUDA)
 #include <cuda_runtime_api.h>
 namespace vattention {
 cudaError_t combine_cuda(const CombineParams& p, cudaStream_t stream);
+// One launch, a warp per query head (lanes over head_dim).
+cudaError_t merge_estimate_cuda(const MergeEstimateParams& p, cudaStream_t stream);
 }  // namespace vattention
 #endif

@@ -27,3 +27,17 @@ void combine_cpu(const CombineParams& p, int64_t item_begin, int64_t item_end) {
 }
 
 }  // namespace vattention
+
+namespace vattention {
+
+void merge_estimate_cpu(const MergeEstimateParams& p, int64_t head_begin, int64_t head_end) {
+  for (int64_t head = head_begin; head < head_end; ++head) {
+    if (p.stats_double) {
+      merge_estimate_head<double>(p, head, 0, 1, true);
+    } else {
+      merge_estimate_head<float>(p, head, 0, 1, true);
+    }
+  }
+}
+
+}  // namespace vattention

@@ -58,7 +58,33 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineP
   }
 }
 
+// merge_estimate (combine.h): a warp per query head; every lane derives the head's
+// partial lse's (a handful of scalars) and owns the out entries d = lane, lane + 32, ...
+template <typename Stat>
+__global__ void __launch_bounds__(kCombineThreads) merge_estimate_kernel(
+    const MergeEstimateParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t heads = p.lists * p.group;
+  const int64_t warps = int64_t(gridDim.x) * kItemsPerBlock;
+  for (int64_t head = int64_t(blockIdx.x) * kItemsPerBlock + (threadIdx.x >> 5); head < heads;
+       head += warps) {
+    merge_estimate_head<Stat>(p, head, lane, 32, lane == 0);
+  }
+}
+
 }  // namespace
+
+cudaError_t merge_estimate_cuda(const MergeEstimateParams& p, cudaStream_t stream) {
+  const int64_t heads = p.lists * p.group;
+  if (heads <= 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(heads, kItemsPerBlock), int64_t(1) << 20);
+  if (p.stats_double) {
+    return launch_kernel(merge_estimate_kernel<double>, dim3(unsigned(blocks)),
+                         dim3(kCombineThreads), 0, stream, 1, p);
+  }
+  return launch_kernel(merge_estimate_kernel<float>, dim3(unsigned(blocks)),
+                       dim3(kCombineThreads), 0, stream, 1, p);
+}
 
 cudaError_t combine_cuda(const CombineParams& p, cudaStream_t stream) {
   if (p.items <= 0) return cudaSuccess;

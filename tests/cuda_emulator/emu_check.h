@@ -259,6 +259,7 @@ inline NanCase make_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q
 }
 
 // One per stage, in test_<stage>.cpp; emu_main.cpp runs them in decode order.
+void test_plan();
 void test_key_summary();
 void test_select_scores();
 void test_select_topk();

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
     if (std::string(argv[i]) == "--quick") g_quick = true;
   }
   // Decode order: a broken early stage is reported first.
+  test_plan();
   test_key_summary();
   test_select_scores();
   test_select_topk();

