@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", default="tensor", choices=("tensor", "int", "none"),
+                        help="how the step gets its seed: a device [seed, offset] tensor (a "
+                             "serving loop's), a host int, or None (torch's generator)")
     parser.add_argument("--config", default="",
                         help="VAttentionConfig fields, e.g. 'tail=\"chi2\", reuse_pilot=False'")
     args = parser.parse_args()
@@ -98,14 +101,15 @@ def main() -> None:
     cfg = eval(f"vattention.VAttentionConfig({args.config})")   # noqa: S307 (a CLI of ours)
     # A cache keeps the selector's summary beside K: built once, not per step.
     summary = build_key_summary(k, cfg.selector) if cfg.selector in FORMATS else None
-    seed = torch.tensor([1234, 0], dtype=torch.int64, device=device)
+    seed = {"tensor": torch.tensor([1234, 0], dtype=torch.int64, device=device), "int": 1234,
+            "none": None}[args.seed]
     step = lambda timer=None: vattention.decode(q, k, v, cfg, seed=seed, key_summary=summary,
                                                 stage_timer=timer)
     step()   # one-time work (device tables) out of the count
     counter = count_stages(step)
     print(f"config: {cfg}")
     print(f"shape: B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} N={args.context} "
-          f"D={args.dim} on {device}")
+          f"D={args.dim} on {device}, seed as {args.seed}")
     print(f"launches per decode step: {counter.total} ({counter.custom} vattention ops)")
     for stage, n in counter.stages.most_common():
         ops = ", ".join(f"{op.split('::')[1]} x{c}" if c > 1 else op.split("::")[1]

@@ -94,8 +94,9 @@ def _rng_state(seed: SeedLike, device: torch.device) -> Tensor:
     if seed is None:
         # Drawn on the device from torch's generator: reproducible under torch.manual_seed,
         # fresh on every call, and replay-safe in CUDA graphs like torch's own random ops.
-        drawn = torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
-        return torch.cat([drawn, torch.zeros(1, dtype=torch.int64, device=device)])
+        # One launch draws both words below MAX_RNG_OFFSET: a random offset is as valid as 0,
+        # and the pair names one of 2^60 Philox streams.
+        return torch.randint(0, MAX_RNG_OFFSET, (2,), device=device, dtype=torch.int64)
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.shape != (2,):
             raise ValueError(f"seed as a tensor must be int64 [seed, offset], got {seed.dtype} "
@@ -175,7 +176,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
             raise ValueError("selector 'int3_channel' does not support a paged cache "
                              "(block_table): its 64-token blocks cross the cache's blocks; "
                              "use 'int4' or 'oracle'")
-    lengths = _lengths(seq_lens, batch, length, device, paged=block_table is not None)
+    lengths = (None if seq_lens is None else
+               _lengths(seq_lens, batch, length, device, paged=block_table is not None))
     rng = _rng_state(seed, device)
     list_heads = kv_heads if cfg.share_gqa else q_heads
     if cfg.selector in SUMMARY_FORMATS and key_summary is not None:
@@ -186,11 +188,6 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         key_summary.check(batch, kv_heads, length, dim, device, format=cfg.selector,
                           pool=None if block_table is None else (k.shape[0], k.shape[2]))
 
-    # Token budget of every row, as device tensors [B].
-    sink = resolve_sizes(cfg.sink, lengths)
-    local = torch.minimum(resolve_sizes(cfg.local, lengths), lengths - sink)
-    window_start, window_end = sink, lengths - local
-    heavy = torch.minimum(resolve_sizes(cfg.heavy, lengths), window_end - window_start)
     # Their static upper bounds size the buffers (resolve_size agrees with resolve_sizes).
     sink_max, local_max = resolve_size(cfg.sink, length), resolve_size(cfg.local, length)
     heavy_max = resolve_size(cfg.heavy, length)
@@ -200,8 +197,14 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     union = cfg.share_gqa and cfg.gqa_heavy == "union" and q_heads > kv_heads
     heavy_width = heavy_max * (q_heads // kv_heads) if union else heavy_max
 
-    starts_rows = _per_list(window_start, list_heads)
-    ends_rows = _per_list(window_end, list_heads)
+    # One op (plan.h): every row's sizes (resolve_sizes and the clamps), the samplers' rows,
+    # each list's residual and pilot size, and the deterministic list with its fixed part
+    # (sink, local) filled and its heavy columns -1 (select_topk's list is copied in).
+    (lengths, sink, local, window_end, heavy, starts_rows, ends_rows, heavy_rows,
+     pilot_wanted, n_residual, det_idx, det_counts) = ops.plan_lists(
+        q, lengths, length, list_heads, (cfg.sink, cfg.local, cfg.heavy, cfg.base_rate),
+        sink_max, local_max, heavy_width)
+    window_start = sink
     if cfg.heavy_sizes:
         return _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage,
                                 return_stats, (sink, local, sink_max, local_max), pilot_max,
@@ -223,34 +226,29 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
                                    key_summary, block_table=block_table)
         with stage("select_topk"):
             heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows,
-                                        ends_rows, _per_list(heavy, list_heads), heavy_max)
+                                        ends_rows, heavy_rows, heavy_max)
     else:
         # No row has a heavy hitter (heavy_max bounds every row's count): scoring would read
         # all of K to choose nothing.
         heavy_idx = torch.empty((batch * list_heads, 0), dtype=torch.int32, device=device)
     if union:
         heavy_lists = (heavy_idx >= 0).sum(dim=1).view(batch, list_heads)
-    else:
-        heavy_lists = heavy[:, None].expand(-1, list_heads)
-    n_residual_lists = (window_end - window_start)[:, None] - heavy_lists   # [B, lists]
-    n_residual = n_residual_lists.reshape(-1)                               # [B * lists]
-    pilot_wanted = torch.where(n_residual > 0,
-                               resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
-                               torch.zeros_like(n_residual))
+        n_residual = ((window_end - window_start)[:, None] - heavy_lists).reshape(-1)
+        pilot_wanted = torch.where(n_residual > 0,
+                                   resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
+                                   torch.zeros_like(n_residual)).to(torch.int32)
+    if heavy_width > 0:
+        det_idx[:, :, sink_max + local_max:].copy_(heavy_idx.view(batch, list_heads,
+                                                                  heavy_width))
 
     # Exact attention over the deterministic set.
-    fixed_idx = _fixed_indices(sink, local, window_end, sink_max, local_max)
-    det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
-                         heavy_idx.view(batch, list_heads, heavy_width)], dim=2).contiguous()
-    det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
-                            device=device)
     with stage("attend"):
         det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
                                                 cfg.num_splits, block_table=block_table)
 
     with stage("pilot"):
         pilot_idx, _, pilot_counts = ops.sample_residual(
-            heavy_idx, starts_rows, ends_rows, pilot_wanted.to(torch.int32), rng,
+            heavy_idx, starts_rows, ends_rows, pilot_wanted, rng,
             pilot_max, ops.PILOT_DRAWS)
         pilot_max_logit, moments, vector_moments = ops.pilot_stats(
             q, k, v, pilot_idx.view(batch, list_heads, pilot_max),
@@ -281,7 +279,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
             n_residual_f = n_residual_heads.to(torch.float64)
 
     reused_counts = reused if cfg.reuse_pilot else None
-    out, sample_idx, sample_counts, draws = _sample_and_combine(
+    out, sample_idx, sample_counts = _sample_and_combine(
         q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
         [(det_out, det_lse)], reused_counts, (pilot_max_logit, moments, vector_moments),
         n_residual_heads, length, block_table)
@@ -289,12 +287,15 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         return out
 
     # With reuse the estimate's draws are the pilot's and the final sample's together.
+    draws = sample_counts if reused_counts is None else reused_counts + sample_counts
     sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
     exact = _per_head(exact_lists, batch, list_heads, q_heads)
     read = torch.zeros(batch * list_heads, length + 1, dtype=torch.bool, device=device)
     for idx in (_within_count(pilot_idx, pilot_counts), _within_count(sample_idx, sample_counts)):
         read.scatter_(1, torch.where(idx >= 0, idx, length).to(torch.int64), True)
     sampled_rows_read = read[:, :length].sum(dim=1)
+    if not union:
+        heavy_lists = heavy[:, None].expand(-1, list_heads)
     deterministic = (sink + local)[:, None] + heavy_lists                  # [B, lists]
     rows_read = deterministic + sampled_rows_read.view(batch, list_heads)
     density = rows_read.to(torch.float32) / lengths.clamp(min=1)[:, None].to(torch.float32)
@@ -460,13 +461,14 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     pilot_stats_chosen = (heavy_size.pick(max_logit_c, choice_heads).to(torch.float32),
                           heavy_size.pick(moments_c, choice_heads),
                           heavy_size.pick(vector_c, choice_heads))
-    out, sample_idx, sample_counts, draws = _sample_and_combine(
+    out, sample_idx, sample_counts = _sample_and_combine(
         q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows, ends_rows, final_wanted,
         partials, reused if cfg.reuse_pilot else None, pilot_stats_chosen, n_residual_heads,
         length, block_table)
     if not return_stats:
         return out
 
+    draws = sample_counts + reused if cfg.reuse_pilot else sample_counts
     sampled_heads = _per_head(draws.to(torch.int32), batch, list_heads, q_heads)
     exact = _per_head(exact_lists, batch, list_heads, q_heads)
     n_residual_f = n_residual_heads.to(torch.float64)
@@ -512,7 +514,8 @@ def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows,
     """The final sample of the residual, its attention, and the combine of every partial:
     partials (the exact parts), then with reuse_pilot the reused pilot draws (reused [lists]
     counts; pilot_stats: their max_logit, moments, vector_moments per head) and the sample.
-    Returns (out in q's dtype, sample indices, sample counts, draws in the estimate)."""
+    Returns (out in q's dtype, sample indices, sample counts); the estimate's draws are
+    reused + counts (counts without reuse), which only the stats compute."""
     batch, q_heads, _ = q.shape
     list_heads = heavy_idx.shape[0] // batch
     sample_max = max(length, 1)
@@ -526,36 +529,17 @@ def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows,
             sample_log_weights.view(batch, list_heads, sample_max),
             sample_counts.view(batch, list_heads), scale, cfg.num_splits,
             block_table=block_table)
-    draws = sample_counts
     with stage("combine"):
-        partials = list(partials)
-        if reused is None:
-            partials.append((sample_out, sample_lse))
-        else:
-            # The pilot's part of the estimate is already in its statistics: sum w V / sum w
-            # over its draws, with lse = max_logit + log sum w. So no kernel loads a pilot row
-            # twice, and no attention launch or index copy is added; only the weights change:
-            # every draw, pilot or final, weighs n_r / (p + d), where the sampler gave the d
-            # final draws n_r / d (1 when it enumerated the residual, where no pilot draw is
-            # reused).
-            max_logit, moments, vector_moments = pilot_stats
-            draws = reused + sample_counts
-            log_draws = _per_head(torch.log(draws.clamp(min=1).to(torch.float32)), batch,
-                                  list_heads, q_heads)
-            log_n_r = torch.log(n_residual_heads.to(torch.float32))
-            sum_w = moments[..., 0]
-            no_pilot = _per_head(reused == 0, batch, list_heads, q_heads)
-            pilot_lse = torch.where(no_pilot, torch.full_like(max_logit, -math.inf),
-                                    max_logit + torch.log(sum_w).to(torch.float32) + log_n_r
-                                    - log_draws)
-            pilot_out = (vector_moments[..., 0, :] / sum_w.clamp(
-                min=torch.finfo(sum_w.dtype).tiny)[..., None]).to(torch.float32)
-            log_final = _per_head(torch.log(sample_counts.to(torch.float32)), batch,
-                                  list_heads, q_heads)
-            partials += [(pilot_out, pilot_lse), (sample_out, sample_lse + log_final - log_draws)]
-        out, _ = ops.combine(torch.stack([o for o, _ in partials]),
-                             torch.stack([lse for _, lse in partials]))
-    return out.to(q.dtype), sample_idx, sample_counts, draws
+        # One op (combine.h): the exact partials, then with reuse_pilot the reused pilot's
+        # partial from its statistics (so no kernel loads a pilot row twice; every draw,
+        # pilot or final, weighs n_r / (p + d)) and the sample's reweighted to its share of
+        # the p + d draws; merged by online_softmax.h's rule and cast to q's dtype.
+        max_logit, moments, vector_moments = pilot_stats
+        out, _ = ops.merge_estimate(partials[0][0], partials[0][1],
+                                    partials[1] if len(partials) > 1 else None,
+                                    sample_out, sample_lse, sample_counts, reused, max_logit,
+                                    moments, vector_moments, n_residual_heads, q.dtype)
+    return out, sample_idx, sample_counts
 
 
 def _merge_heavy(heavy: Tensor, length: int) -> Tensor:
