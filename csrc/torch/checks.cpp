@@ -56,6 +56,20 @@ int64_t paged_length(const at::Tensor& block_table, int64_t block_size) {
 
 namespace {
 
+// A per-head or per-list tensor of the fused ops (plan_budget, merge_estimate, ...): its
+// dtype, exact shape, device and contiguity, each error naming the argument.
+void check_plain_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                       at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == dtype, "vattention: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "vattention: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "vattention: ", name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
+}
+
+
 // The q/K part of QKVParams: q [B, Hq, D], k [B, Hkv, N, D] (or a paged pool with
 // block_table), Hq % Hkv == 0, one dtype and device, contiguous head_dim. Shared by the ops
 // that read V too and select_scores.
@@ -446,21 +460,6 @@ SelectScoresParams select_scores_summary_params(const at::Tensor& q, const at::T
 // plan_budget (stage "budget", budget.h).
 // ---------------------------------------------------------------------------
 namespace vattention::binding {
-namespace {
-
-void check_budget_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                        at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == dtype, "vattention: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "vattention: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.device() == like.device(), "vattention: ", name, " must be on ", like.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
-}
-
-}  // namespace
-
 BudgetParams budget_estimate_params(const at::Tensor& det_out, const at::Tensor& det_lse,
                                     const at::Tensor& pilot_max_logit, const at::Tensor& moments,
                                     const at::Tensor& vector_moments,
@@ -468,11 +467,11 @@ BudgetParams budget_estimate_params(const at::Tensor& det_out, const at::Tensor&
   TORCH_CHECK(det_out.dim() == 3, "vattention: det_out must be [batch, q_heads, head_dim], got ",
               det_out.sizes());
   const int64_t batch = det_out.size(0), q_heads = det_out.size(1), dim = det_out.size(2);
-  check_budget_input(det_out, "det_out", det_out.sizes(), at::kFloat, det_out);
-  check_budget_input(det_lse, "det_lse", {batch, q_heads}, at::kFloat, det_out);
-  check_budget_input(pilot_max_logit, "pilot_max_logit", {batch, q_heads}, at::kFloat, det_out);
-  check_budget_input(moments, "moments", {batch, q_heads, kBudgetMoments}, at::kFloat, det_out);
-  check_budget_input(vector_moments, "vector_moments", {batch, q_heads, 2, dim}, at::kFloat,
+  check_plain_input(det_out, "det_out", det_out.sizes(), at::kFloat, det_out);
+  check_plain_input(det_lse, "det_lse", {batch, q_heads}, at::kFloat, det_out);
+  check_plain_input(pilot_max_logit, "pilot_max_logit", {batch, q_heads}, at::kFloat, det_out);
+  check_plain_input(moments, "moments", {batch, q_heads, kBudgetMoments}, at::kFloat, det_out);
+  check_plain_input(vector_moments, "vector_moments", {batch, q_heads, 2, dim}, at::kFloat,
                      det_out);
   TORCH_CHECK(pilot_counts.dim() == 1, "vattention: pilot_counts must be [batch * list_heads], "
               "got ", pilot_counts.sizes());
@@ -482,8 +481,8 @@ BudgetParams budget_estimate_params(const at::Tensor& det_out, const at::Tensor&
                         : lists == 0,
               "vattention: pilot_counts must hold batch * list_heads entries with q_heads (",
               q_heads, ") a multiple of list_heads, got ", lists, " for batch ", batch);
-  check_budget_input(pilot_counts, "pilot_counts", {lists}, at::kInt, det_out);
-  check_budget_input(n_residual, "n_residual", {lists}, at::kLong, det_out);
+  check_plain_input(pilot_counts, "pilot_counts", {lists}, at::kInt, det_out);
+  check_plain_input(n_residual, "n_residual", {lists}, at::kLong, det_out);
   BudgetParams p{};
   p.det_out = det_out.data_ptr<float>();
   p.det_lse = det_lse.data_ptr<float>();
@@ -525,12 +524,12 @@ BudgetParams plan_budget_params(const at::Tensor& det_out, const at::Tensor& det
     TORCH_CHECK(p.rule == BudgetRule::kRatio,
                 "vattention: the chi-square tail (dispersion) applies to the ratio rule only, "
                 "not ", rule);
-    check_budget_input(*dispersion, "dispersion", {batch, q_heads, kBudgetDispersion}, at::kFloat,
+    check_plain_input(*dispersion, "dispersion", {batch, q_heads, kBudgetDispersion}, at::kFloat,
                        det_out);
     const at::Tensor& table = *chi2_table;
     TORCH_CHECK(table.dim() == 1 && table.size(0) > 0,
                 "vattention: chi2_table must be a non-empty [dims] tensor, got ", table.sizes());
-    check_budget_input(table, "chi2_table", table.sizes(), at::kDouble, det_out);
+    check_plain_input(table, "chi2_table", table.sizes(), at::kDouble, det_out);
     p.dispersion = dispersion->data_ptr<float>();
     p.chi2_table = table.data_ptr<double>();
     p.chi2_dims = table.size(0);
@@ -556,21 +555,6 @@ BudgetParams plan_budget_params(const at::Tensor& det_out, const at::Tensor& det
 // plan_lists (stage "plan", plan.h) and merge_estimate (stage "combine", combine.h).
 // ---------------------------------------------------------------------------
 namespace vattention::binding {
-namespace {
-
-void check_plain_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                       at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == dtype, "vattention: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "vattention: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.device() == like.device(), "vattention: ", name, " must be on ", like.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "vattention: ", name, " must be contiguous");
-}
-
-}  // namespace
-
 PlanListsOutputs plan_lists_params(PlanListsParams* p, const at::Tensor& q,
                                    const c10::optional<at::Tensor>& lengths, int64_t length,
                                    int64_t list_heads, at::ArrayRef<double> sizes,
