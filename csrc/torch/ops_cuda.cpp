@@ -92,8 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
   p.moments = moments.data_ptr<float>();
   p.vector_moments = vector_moments.data_ptr<float>();
   if (p.qkv.batch * p.qkv.q_heads == 0) return {max_logit, moments, vector_moments};
-  const int64_t splits = choose_num_splits(p.qkv.batch * p.list.list_heads, p.list.max_count,
-                                           sm_count(q.device().index()));
+  // Balanced splits (heuristics.h): a grid for the capacity, each list using the
+  // splits its own count needs, decided on the device.
+  const int64_t sms = sm_count(q.device().index());
+  const int64_t splits = choose_split_grid(p.list.max_count, sms);
+  p.split_target_blocks = kBlocksPerWorker * sms;
   const size_t ws_bytes = pilot_stats_cuda_workspace_bytes(p, splits);
   at::Tensor workspace;
   if (ws_bytes > 0) workspace = at::empty({int64_t(ws_bytes / sizeof(float))}, f32);
@@ -145,10 +148,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
   TORCH_CHECK(num_splits <= 65535, "vattention: num_splits must be <= 65535 on CUDA, got ",
               num_splits);
   const int64_t heads = p.qkv.batch * p.qkv.q_heads;
-  // Blocks per split = distinct lists (a list shared by a KV group is one block).
-  p.num_splits = num_splits > 0 ? num_splits
-                                : choose_num_splits(p.qkv.batch * p.list.list_heads,
-                                                    p.list.max_count, sm_count(q.device().index()));
+  // Automatic: balanced splits (heuristics.h), a grid sized from the capacity
+  // whose blocks past a list's own split count exit at once. An explicit
+  // num_splits cuts every list into that many chunks.
+  if (num_splits > 0) {
+    p.num_splits = num_splits;
+  } else {
+    const int64_t sms = sm_count(q.device().index());
+    p.num_splits = choose_split_grid(p.list.max_count, sms);
+    p.split_target_blocks = kBlocksPerWorker * sms;
+  }
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({p.qkv.batch, p.qkv.q_heads, p.qkv.head_dim}, f32);
   at::Tensor lse = at::empty({p.qkv.batch, p.qkv.q_heads}, f32);

@@ -14,6 +14,9 @@
 // read that list: all heads of the KV group when list_heads == kv_heads (so each
 // K/V row is gathered once for the whole group), one head when list_heads ==
 // q_heads. Groups wider than HB are served by several head chunks (blockIdx.z).
+// With balanced splits (GatherArgs::target_blocks, the rule in heuristics.h) a
+// list uses only the first list_splits(...) of the grid's splits, decided in every
+// block from the launch's counts (no host sync); the others exit at once.
 //
 // Threads. A row of D elements is read by kTpr threads ("a row group"), each
 // owning kEpt elements of it; the block's kThreads / kTpr row groups consume the
@@ -49,6 +52,7 @@
 #include "attention_params.h"
 #include "cuda_utils.cuh"
 #include "dispatch.h"
+#include "heuristics.h"
 #include "online_softmax.h"
 #include "sparse_attention.h"
 
@@ -136,11 +140,40 @@ struct ListWork {
   int64_t h0;                 // first query head served
   int heads;                  // heads served (<= HB)
   int64_t begin, end;         // entries [begin, end) of the list
+  bool surplus;               // a split past the list's own split count: no rows
 };
 
+// Entries of list `list_row`, its count clamped to [0, max_count].
+__device__ __forceinline__ int64_t list_count(const IndexListParams& list, int64_t list_row) {
+  return min(max(int64_t(list.counts[list_row]), int64_t(0)), list.max_count);
+}
+
+// The sum of the launch's list counts, the same in every block (balanced splits,
+// heuristics.h). `scratch` holds a few int64 of shared memory, free again on return.
+template <int kThreads>
+__device__ __forceinline__ int64_t launch_total_count(const IndexListParams& list,
+                                                      int64_t lists, int64_t* scratch) {
+  static_assert(kThreads % 32 == 0, "whole warps");
+  int64_t sum = 0;
+  for (int64_t i = threadIdx.x; i < lists; i += kThreads) sum += list_count(list, i);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = sum;
+  __syncthreads();
+  int64_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+  __syncthreads();  // scratch is the pipeline's memory
+  return total;
+}
+
+// split_rows > 0: balanced splits (heuristics.h), the list cut evenly into its own
+// list_splits(count, split_rows, num_splits) chunks; split_rows == 0: into
+// num_splits chunks, whatever its count.
 template <typename T, bool Paged>
 __device__ __forceinline__ ListWork<T> block_work(const QKVParams& qkv, const IndexListParams& list,
-                                                  int heads_per_block, int64_t num_splits) {
+                                                  int heads_per_block, int64_t num_splits,
+                                                  int64_t split_rows) {
   ListWork<T> w;
   const int64_t list_row = blockIdx.x;
   const int64_t group = qkv.group_size();
@@ -167,8 +200,11 @@ __device__ __forceinline__ ListWork<T> block_work(const QKVParams& qkv, const In
   }
   w.indices = list.indices + list_row * list.max_count;
   w.log_weights = list.log_weights ? list.log_weights + list_row * list.max_count : nullptr;
-  const int64_t count = min(max(int64_t(list.counts[list_row]), int64_t(0)), list.max_count);
-  split_range(count, blockIdx.y, num_splits, &w.begin, &w.end);
+  const int64_t count = list_count(list, list_row);
+  const int64_t splits = split_rows > 0 ? list_splits(count, split_rows, num_splits) : num_splits;
+  w.surplus = int64_t(blockIdx.y) >= splits;
+  split_range(count, w.surplus ? 0 : int64_t(blockIdx.y), splits, &w.begin, &w.end);
+  if (w.surplus) w.end = w.begin;
   return w;
 }
 
@@ -290,6 +326,10 @@ inline bool rows_are_aligned(const QKVParams& qkv) {
 //   template <typename T, int D, int HB> __device__ static void finish(
 //       const Params&, const GatherArgs&, const ListWork<T>&, const float* records, int tid);
 //     (writes the outputs from the block's row-group records; see gather_kernel)
+//   template <typename T, int D> __device__ static void finish_empty(
+//       const Params&, const GatherArgs&, const ListWork<T>&, int tid);
+//     (a surplus split, blockIdx.y > 0 past the list's splits: marks its partial
+//     empty for the merge and nothing else; never called with one split)
 
 template <class F>
 struct RecordEntries {
@@ -367,7 +407,10 @@ __device__ __forceinline__ float merged_entry(const float* rec, int64_t n, int64
 // ---------------------------------------------------------------------------
 
 struct GatherArgs {
-  int64_t num_splits;
+  int64_t num_splits;     // the grid's splits (blockIdx.y)
+  // Balanced splits (heuristics.h) when > 0: kBlocksPerWorker x SMs, the working
+  // blocks aimed at; 0: every list uses all num_splits.
+  int64_t target_blocks;
   float* workspace;  // the policy's (pilot: per-split records); may be null
   bool aligned;      // rows_are_aligned: cp.async, else element-wise copies
 };
@@ -424,8 +467,19 @@ gather_kernel(const typename F::Params p, const GatherArgs args) {
   float* bias = reinterpret_cast<float*>(pipe + C::kPipeBytes);
 
   const QKVParams& qkv = F::qkv(p);
-  const ListWork<T> w = block_work<T, Paged>(qkv, F::list(p), HB, args.num_splits);
+  const IndexListParams list = F::list(p);
+  int64_t split_rows = 0;
+  if (args.target_blocks > 0 && args.num_splits > 1) {
+    const int64_t total = launch_total_count<C::kThreads>(
+        list, qkv.batch * list.list_heads, reinterpret_cast<int64_t*>(pipe));
+    split_rows = balanced_split_rows(total, args.target_blocks);
+  }
+  const ListWork<T> w = block_work<T, Paged>(qkv, list, HB, args.num_splits, split_rows);
   const int tid = threadIdx.x;
+  if (w.surplus) {  // uniform in the block, before any barrier of the pipeline
+    F::template finish_empty<T, D>(p, args, w, tid);
+    return;
+  }
   const int grp = tid / C::kTpr;
   const int lane = tid % C::kTpr;
   const float scale = qkv.scale;

@@ -21,6 +21,9 @@ struct PilotParams {
   float* max_logit;       // [batch, q_heads]
   float* moments;         // [batch, q_heads, 3]
   float* vector_moments;  // [batch, q_heads, 2, head_dim]
+  // CUDA split-K only: > 0 (kBlocksPerWorker x SMs) for balanced splits
+  // (heuristics.h); 0: every list cut into all num_splits.
+  int64_t split_target_blocks;
 };
 
 constexpr int kPilotMoments = 3;
@@ -57,7 +60,8 @@ void pilot_dispersion_cpu(const PilotDispersionParams& p, int64_t head_begin, in
 namespace vattention {
 // One split per list: every block writes final outputs, no workspace.
 cudaError_t pilot_stats_cuda(const PilotParams& p, cudaStream_t stream);
-// Split-K: each list is cut into num_splits chunks (split_range); the chunks'
+// Split-K: each list is cut into num_splits chunks (split_range; with
+// p.split_target_blocks into as many as its count needs, heuristics.h); the chunks'
 // statistics go to `workspace` (pilot_stats_cuda_workspace_bytes, 0 when
 // num_splits == 1) and a second kernel merges them.
 size_t pilot_stats_cuda_workspace_bytes(const PilotParams& p, int64_t num_splits);

@@ -40,6 +40,12 @@ struct PilotFold {
   template <typename T, int D, int HB>
   __device__ static void finish(const Params& p, const GatherArgs& args, const ListWork<T>& w,
                                 const float* records, int tid);
+
+  // A surplus split (num_splits > 1): its workspace record gets m = -inf and
+  // sum w = 0, the empty record the merge skips after reading those two floats.
+  template <typename T, int D>
+  __device__ static void finish_empty(const Params& p, const GatherArgs& args,
+                                      const ListWork<T>& w, int tid);
 };
 
 using PilotRecord = RecordEntries<PilotFold>;
@@ -76,6 +82,18 @@ __device__ void PilotFold::finish(const Params& p, const GatherArgs& args, const
     } else {
       args.workspace[(t * args.num_splits + blockIdx.y) * R::kFloats + x] = v;
     }
+  }
+}
+
+template <typename T, int D>
+__device__ void PilotFold::finish_empty(const Params& p, const GatherArgs& args,
+                                        const ListWork<T>& w, int tid) {
+  using R = RecordLayout<PilotFold, D>;
+  for (int g = tid; g < w.heads; g += GatherConfig<T, D>::kThreads) {
+    float* rec = args.workspace +
+                 ((w.b * p.qkv.q_heads + w.h0 + g) * args.num_splits + blockIdx.y) * R::kFloats;
+    rec[0] = kNegInf;
+    rec[R::kScalar0] = 0.f;
   }
 }
 
@@ -303,6 +321,7 @@ cudaError_t pilot_stats_cuda(const PilotParams& p, int64_t num_splits, void* wor
   if (num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   GatherArgs args{};
   args.num_splits = num_splits;
+  args.target_blocks = p.split_target_blocks;
   args.workspace = static_cast<float*>(workspace);
   cudaError_t err = launch_gather<PilotFold>(p, args, stream);
   if (err != cudaSuccess || num_splits == 1) return err;

@@ -1,7 +1,8 @@
 // Stage "sparse attention": one decode query per (batch, query head) attends to
 // the K/V rows named by its index list, each row i carrying a log-weight
 // (log of its inclusion weight, added to the logit). Split-K: the list is cut
-// into num_splits contiguous chunks; each chunk keeps an fp32 online softmax
+// into num_splits contiguous chunks (CUDA with split_target_blocks: into as
+// many of them as its count needs, heuristics.h); each chunk keeps an fp32 online softmax
 // and writes a partial (out, lse); the "combine" stage merges the partials.
 // NaN: a NaN logit makes its split's partial (out and lse) NaN, a NaN in a V
 // element that element of out (online_softmax.h). Entries < 0 or >= length and
@@ -16,6 +17,9 @@ struct SparseAttentionParams {
   QKVParams qkv;
   IndexListParams list;
   int64_t num_splits;
+  // CUDA only: > 0 (kBlocksPerWorker x SMs) for balanced splits (heuristics.h),
+  // each list using only the splits its count needs; 0: every list num_splits.
+  int64_t split_target_blocks;
   float* partial_out;  // [batch, q_heads, num_splits, head_dim]
   float* partial_lse;  // [batch, q_heads, num_splits]
 };

@@ -6,7 +6,10 @@
 // log-weights are added to the logits; entries < 0 or >= length are skipped, as
 // are entries with log-weight -inf). Each block writes its split's partial
 // (out = sum w V / sum w, lse = m + log sum w), or (0, -inf) for an empty split
-// and NaN for a split that folded a NaN logit. K/V contiguous or paged
+// and NaN for a split that folded a NaN logit. With balanced splits
+// (split_target_blocks > 0, heuristics.h) the splits past a list's own split
+// count write only lse = -inf (their out rows are left as they are: combine
+// skips a partial of lse -inf without reading its out). K/V contiguous or paged
 // (qkv.paging): the gather kernel reads rows either way.
 #include "kv_gather_cuda.cuh"
 #include "sparse_attention.h"
@@ -58,6 +61,15 @@ struct AttentionFold {
       if (d == 0) p.partial_lse[item] = lse;
     }
   }
+
+  // A surplus split: lse -inf and no out row, which combine never reads.
+  template <typename T, int D>
+  __device__ static void finish_empty(const Params& p, const GatherArgs& args,
+                                      const ListWork<T>& w, int tid) {
+    for (int g = tid; g < w.heads; g += GatherConfig<T, D>::kThreads) {
+      p.partial_lse[(w.b * p.qkv.q_heads + w.h0 + g) * args.num_splits + blockIdx.y] = kNegInf;
+    }
+  }
 };
 
 }  // namespace
@@ -69,6 +81,7 @@ cudaError_t sparse_attention_partial_cuda(const SparseAttentionParams& p, cudaSt
   }
   GatherArgs args{};
   args.num_splits = p.num_splits;
+  args.target_blocks = p.split_target_blocks;
   return launch_gather<AttentionFold>(p, args, stream);
 }
 

@@ -3,6 +3,7 @@
 // the NaN rule: a NaN the pilot reads reaches every statistic it feeds.
 #include "emu_check.h"
 
+#include "../../csrc/vattention/heuristics.h"
 #include "../../csrc/vattention/pilot.h"
 
 namespace vattention::emu_check {
@@ -39,6 +40,66 @@ void test_pilot_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_
          "offset=%lld: %lld mismatches", dtype_name(dtype), (long long)dim, (long long)group,
          int(per_q), (long long)max_count, (long long)splits, (long long)row_pad,
          (long long)base_offset, (long long)bad);
+}
+
+// Balanced splits (heuristics.h): the grid of choose_split_grid with each list using
+// only the splits its count needs, against pilot_stats_cpu. Row length - 1 of every
+// K/V head is NaN and only entries beyond a list's count name it, so a block that
+// read past its count would make the head's statistics NaN; the counts are cycled
+// over the lists.
+void test_pilot_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_q,
+                              int64_t max_count, const std::vector<int32_t>& counts,
+                              int64_t workers, int64_t batch, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t kv_heads = 2, q_heads = kv_heads * group, length = max_count + 40;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, 0, 0, rng);
+  const int64_t list_heads = per_q ? q_heads : kv_heads;
+  Lists l = make_lists(batch, list_heads, max_count, length, rng);
+  const float nan = std::nanf("");
+  for (int64_t i = 0; i < batch * list_heads; ++i) {
+    l.counts[i] = counts[size_t(i) % counts.size()];
+    for (int64_t j = 0; j < max_count; ++j) {
+      l.indices[size_t(i * max_count + j)] =
+          j < l.counts[i] ? int32_t(rng() % uint64_t(length - 1)) : int32_t(length - 1);
+    }
+  }
+  const QKVParams& a = t.params;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t row =
+          b * a.k_batch_stride + h * a.k_head_stride + (length - 1) * a.k_row_stride;
+      for (int64_t d = 0; d < dim; ++d) {
+        t.k.set(size_t(row + d), nan);
+        t.v.set(size_t(row + d), nan);
+      }
+    }
+  }
+  PilotParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  p.list.log_weights = nullptr;
+  const int64_t heads = batch * q_heads;
+  std::vector<float> rm(heads), gm(heads, 777.f), rmo(heads * 3), gmo(heads * 3, 777.f),
+      rv(heads * 2 * dim), gv(heads * 2 * dim, 777.f);
+  p.max_logit = rm.data();
+  p.moments = rmo.data();
+  p.vector_moments = rv.data();
+  pilot_stats_cpu(p, 0, heads);
+  p.max_logit = gm.data();
+  p.moments = gmo.data();
+  p.vector_moments = gv.data();
+  const int64_t grid = choose_split_grid(max_count, workers);
+  p.split_target_blocks = kBlocksPerWorker * workers;
+  std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, grid));
+  check_cuda(pilot_stats_cuda(p, grid, ws.empty() ? nullptr : ws.data(), nullptr),
+             "pilot_stats_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(gm[i], rm[i], 1e-5f, 1e-5f);
+  for (int64_t i = 0; i < heads * 3; ++i) bad += !close(gmo[i], rmo[i], 1e-4f, 1e-4f);
+  for (int64_t i = 0; i < heads * 2 * dim; ++i) bad += !close(gv[i], rv[i], 1e-4f, 1e-4f);
+  EXPECT(bad == 0, "balanced pilot %s D=%lld group=%lld per_q=%d max_count=%lld grid=%lld: "
+         "%lld mismatches", dtype_name(dtype), (long long)dim, (long long)group, int(per_q),
+         (long long)max_count, (long long)grid, (long long)bad);
 }
 
 void test_pilot_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t splits,
@@ -183,6 +244,17 @@ void test_pilot() {
   test_pilot_case(DType::kFloat32, 64, 7, false, 150, 3, 0, 0, seed++);
   test_pilot_case(DType::kFloat16, 256, 1, true, 100, 4, 1, 1, seed++);
   test_pilot_case(DType::kBFloat16, 64, 4, false, 0, 1, 0, 0, seed++);  // max_count 0
+  // Balanced splits: one list far longer than the rest, counts 0 / 1 / capacity, many
+  // lists, all at capacity, all empty.
+  {
+    uint32_t bseed = 21001;
+    test_pilot_balanced_case(DType::kBFloat16, 64, 4, false, 1500, {1500, 30, 0, 1}, 16, 2,
+                             bseed++);
+    test_pilot_balanced_case(DType::kFloat32, 128, 4, true, 700,
+                             {700, 0, 1, 129, 300, 650, 128, 2, 513, 64, 257}, 64, 3, bseed++);
+    test_pilot_balanced_case(DType::kFloat16, 64, 7, false, 400, {400}, 8, 2, bseed++);
+    test_pilot_balanced_case(DType::kFloat32, 64, 1, true, 300, {0}, 16, 2, bseed++);
+  }
 
   // NaN propagation (emu_check.h); seeds odd, interleaved with sparse attention's.
   const NanAt places[] = {NanAt::kQuery, NanAt::kKeyRow, NanAt::kValueRow, NanAt::kUnlistedRow};

@@ -5,7 +5,10 @@
 // every split count and that merge.
 #include "emu_check.h"
 
+#include <algorithm>
+
 #include "../../csrc/vattention/combine.h"
+#include "../../csrc/vattention/heuristics.h"
 #include "../../csrc/vattention/sparse_attention.h"
 
 namespace vattention::emu_check {
@@ -125,6 +128,121 @@ void test_attention_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q
          (long long)bad, (long long)wrong);
 }
 
+// Balanced splits (heuristics.h). Row length - 1 of every K/V head is NaN and only
+// the entries beyond a list's count name it (with a NaN log-weight): a block that
+// read past its list's count would make that head's output NaN. The lists are
+// rewritten with `counts` (each list's entries valid rows < length - 1).
+Lists ragged_lists(QKV& t, int64_t list_heads, int64_t max_count,
+                   const std::vector<int32_t>& counts, std::mt19937& rng) {
+  const QKVParams& q = t.params;
+  Lists l = make_lists(q.batch, list_heads, max_count, q.length, rng);
+  const float nan = std::nanf("");
+  for (int64_t i = 0; i < q.batch * list_heads; ++i) {
+    l.counts[i] = counts[size_t(i) % counts.size()];
+    for (int64_t j = 0; j < max_count; ++j) {
+      const size_t at = size_t(i * max_count + j);
+      const bool listed = j < l.counts[i];
+      l.indices[at] = listed ? int32_t(rng() % uint64_t(q.length - 1)) : int32_t(q.length - 1);
+      l.log_weights[at] = listed ? float(int(rng() % 200) - 100) / 100.f : nan;
+    }
+  }
+  for (int64_t b = 0; b < q.batch; ++b) {
+    for (int64_t h = 0; h < q.kv_heads; ++h) {
+      const int64_t row = b * q.k_batch_stride + h * q.k_head_stride +
+                          (q.length - 1) * q.k_row_stride;
+      for (int64_t d = 0; d < q.head_dim; ++d) {
+        t.k.set(size_t(row + d), nan);
+        t.v.set(size_t(row + d), nan);
+      }
+    }
+  }
+  return l;
+}
+
+// The launch's expected split count of each list under balanced splits.
+std::vector<int64_t> expected_splits(const Lists& l, int64_t max_count, int64_t grid,
+                                     int64_t target_blocks) {
+  int64_t total = 0;
+  for (int32_t c : l.counts) total += std::min<int64_t>(std::max<int32_t>(c, 0), max_count);
+  const int64_t rows = balanced_split_rows(total, target_blocks);
+  std::vector<int64_t> used;
+  for (int32_t c : l.counts) {
+    used.push_back(list_splits(std::min<int64_t>(std::max<int32_t>(c, 0), max_count), rows, grid));
+  }
+  return used;
+}
+
+// The CUDA kernel with balanced splits against the CPU kernel with one split
+// (the exact per-head result): the merge (combine_cpu) of the CUDA partials within
+// the partials' tolerance; the splits past a list's split count hold lse -inf and
+// an untouched out row; none reads a row past its list's count.
+void test_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_t max_count,
+                        const std::vector<int32_t>& counts, int64_t workers, int64_t batch,
+                        int64_t want_most, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t kv_heads = 2, q_heads = kv_heads * group, length = max_count + 40;
+  QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, 0, 0, rng);
+  const int64_t list_heads = per_q ? q_heads : kv_heads;
+  Lists l = ragged_lists(t, list_heads, max_count, counts, rng);
+  const int64_t heads = batch * q_heads;
+  const int64_t grid = choose_split_grid(max_count, workers);
+  const int64_t target = kBlocksPerWorker * workers;
+  SparseAttentionParams p{};
+  p.qkv = t.params;
+  p.list = l.params;
+  p.num_splits = 1;
+  std::vector<float> ro(heads * dim), rl(heads);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, heads);
+
+  p.num_splits = grid;
+  p.split_target_blocks = target;
+  const int64_t items = heads * grid;
+  std::vector<float> go(items * dim, 777.f), gl(items, 777.f);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+
+  const std::vector<int64_t> used = expected_splits(l, max_count, grid, target);
+  int64_t surplus_bad = 0, surplus = 0;
+  for (int64_t t_head = 0; t_head < heads; ++t_head) {
+    const int64_t b = t_head / q_heads, h = t_head % q_heads;
+    const int64_t list = l.params.list_of(b, h, q_heads, group);
+    for (int64_t s = used[list]; s < grid; ++s) {
+      const int64_t item = t_head * grid + s;
+      ++surplus;
+      surplus_bad += !std::isinf(gl[item]) || gl[item] > 0;
+      for (int64_t d = 0; d < dim; ++d) surplus_bad += go[item * dim + d] != 777.f;
+    }
+  }
+  CombineParams c{};
+  c.partial_out = go.data();
+  c.partial_lse = gl.data();
+  c.item_stride_out = grid * dim;
+  c.split_stride_out = dim;
+  c.item_stride_lse = grid;
+  c.split_stride_lse = 1;
+  c.items = heads;
+  c.num_splits = grid;
+  c.head_dim = dim;
+  std::vector<float> co(heads * dim), cl(heads);
+  c.out = co.data();
+  c.lse = cl.data();
+  combine_cpu(c, 0, heads);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < heads; ++i) bad += !close(cl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < heads * dim; ++i) bad += !close(co[i], ro[i], 2e-5f, 2e-5f);
+  const int64_t most = *std::max_element(used.begin(), used.end());
+  // want_most: the most splits a list gets (the long list's), from the rule alone.
+  EXPECT(bad == 0 && surplus_bad == 0 && most == want_most,
+         "balanced attention %s D=%lld group=%lld per_q=%d max_count=%lld grid=%lld "
+         "target=%lld most=%lld: %lld mismatches, %lld wrong entries in %lld surplus splits",
+         dtype_name(dtype), (long long)dim, (long long)group, int(per_q), (long long)max_count,
+         (long long)grid, (long long)target, (long long)most, (long long)bad,
+         (long long)surplus_bad, (long long)surplus);
+}
+
 }  // namespace
 
 void test_sparse_attention() {
@@ -154,6 +272,26 @@ void test_sparse_attention() {
   test_attention_case(DType::kFloat32, 256, 7, false, 40, 3, true, 1, 1, seed++);
   // Longer lists over a longer context (benchmark-like, scaled down).
   test_attention_case(DType::kBFloat16, 128, 4, false, 1300, 9, true, 0, 0, seed++, 4096, 1);
+
+  // Balanced splits (heuristics.h), the counts cycled over the lists: one list far
+  // longer than the rest (it gets many splits, the others one or two), counts
+  // 0 / 1 / capacity, many lists, every list at capacity, every list empty.
+  {
+    uint32_t bseed = 20000;
+    // 4 lists, grid 15, 128 rows a split: the long list 15 splits, the rest 1.
+    // (The long lists' split counts are the rule's, so a change of rule shows.)
+    test_balanced_case(DType::kBFloat16, 64, 4, false, 2000, {2000, 30, 0, 1}, 16, 2, 15,
+                       bseed++);
+    test_balanced_case(DType::kFloat32, 128, 4, true, 2000, {1, 2000, 0, 7, 130, 5, 0, 1, 260, 9},
+                       16, 2, 14, bseed++);
+    // 32 lists, grid 5: 1..5 splits by count; then few workers (1 split each).
+    test_balanced_case(DType::kFloat16, 64, 4, true, 700,
+                       {700, 0, 1, 129, 300, 650, 128, 2, 513, 64, 257}, 64, 4, 5, bseed++);
+    test_balanced_case(DType::kFloat32, 64, 4, true, 700, {700, 0, 1, 350, 120}, 3, 4, 1,
+                       bseed++);
+    test_balanced_case(DType::kBFloat16, 128, 8, false, 900, {900}, 8, 2, 4, bseed++);  // uniform
+    test_balanced_case(DType::kFloat32, 64, 1, false, 600, {0}, 16, 2, 1, bseed++);     // all empty
+  }
 
   // NaN propagation (emu_check.h); seeds even, interleaved with the pilot's.
   const NanAt places[] = {NanAt::kQuery, NanAt::kKeyRow, NanAt::kValueRow, NanAt::kUnlistedRow};
