@@ -67,8 +67,9 @@ cudaError_t pilot_stats_cuda(const PilotParams& p, cudaStream_t stream);
 size_t pilot_stats_cuda_workspace_bytes(const PilotParams& p, int64_t num_splits);
 cudaError_t pilot_stats_cuda(const PilotParams& p, int64_t num_splits, void* workspace,
                              cudaStream_t stream);
-// One block per query head. `workspace` holds the heads' weights:
-// pilot_dispersion_cuda_workspace_bytes(p) bytes.
+// One block per query head. `workspace` holds, per list entry, the head's weight and the
+// entry's V row offset (found once in the first pass, so the later passes compute no
+// paged address): pilot_dispersion_cuda_workspace_bytes(p) bytes, 8-byte aligned.
 size_t pilot_dispersion_cuda_workspace_bytes(const PilotDispersionParams& p);
 cudaError_t pilot_dispersion_cuda(const PilotDispersionParams& p, void* workspace,
                                   cudaStream_t stream);
