@@ -161,7 +161,14 @@ int main(int argc, char** argv) {
     p.list.counts = d_counts.as<int32_t>();
     p.list.list_heads = list_heads;
     p.list.max_count = count;
-    p.num_splits = splits_arg > 0 ? splits_arg : choose_num_splits(lists, count, bench::sm_count());
+    // Automatic: the balanced split-K of the ops (heuristics.h): a grid for the capacity,
+    // each list using the splits its own count needs. --splits N cuts every list into N.
+    if (splits_arg > 0) {
+      p.num_splits = splits_arg;
+    } else {
+      p.num_splits = choose_split_grid(count, bench::sm_count());
+      p.split_target_blocks = kBlocksPerWorker * bench::sm_count();
+    }
     const int64_t heads = batch * q_heads;
     Device d_pout(size_t(heads * p.num_splits * dim) * 4), d_plse(size_t(heads * p.num_splits) * 4);
     Device d_out(size_t(heads * dim) * 4), d_lse(size_t(heads) * 4);
