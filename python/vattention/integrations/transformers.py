@@ -147,19 +147,14 @@ class _Shared:
         key = (batch, length, _version(mask))
         if cached is not None and cached[0] is mask and cached[1] == key:
             return cached[2]
-        if mask.dim() != 4 or mask.shape[-1] < length or mask.shape[0] not in (1, batch):
-            raise ValueError(f"vattention: the attention mask of a decode step must be "
-                             f"[batch, heads, 1, kv_length] covering batch {batch} x {length} "
-                             f"keys, got {tuple(mask.shape)}")
-        last = mask[:, 0, -1, :length]
-        valid = last if mask.dtype == torch.bool else last == 0
-        valid = valid.expand(batch, length)
+        valid, bias, heads_differ = _mask_keys(mask, batch, length)
         lengths = valid.sum(-1)
         if not _capturing(mask.device):
             prefix = torch.arange(length, device=mask.device)[None, :] < lengths[:, None]
-            torch._assert_async((valid == prefix).all(),
+            torch._assert_async((valid == prefix).all() & ~bias & ~heads_differ,
                                 "vattention (cuda_graphs=True): every row of a decode step must "
-                                "see a prefix of the cache (no left padding, no holes)")
+                                "see a prefix of the cache (no left padding, no holes), with one "
+                                "mask for all heads and no additive bias")
         self._lengths_cache = (mask, key, lengths)
         return lengths
 
@@ -461,14 +456,11 @@ class KeyRanges:
     ends: Optional[List[int]]
 
 
-def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
-    """The valid key range of each row from a decode step's 4D mask ([B or 1, H or 1, 1, N]).
-
-    Boolean masks (True = attend) and additive float masks (0 = attend, -inf or the dtype's
-    min = masked) are accepted; each row's visible keys must be one contiguous range.
-    """
-    if mask is None:
-        return KeyRanges(None, None, None)
+def _mask_keys(mask, batch: int, length: int):
+    """A decode step's 4D mask ([B or 1, H or 1, 1, N], bool True = attend, or additive float
+    0 = attend, -inf / the dtype's min = masked) read on its device, nothing on the host:
+    (visible [batch, length] bool of the first head, additive-bias flag, heads-differ flag;
+    the flags 0-dim bool tensors). Raises a ValueError on any other shape or dtype."""
     if not isinstance(mask, Tensor) or mask.dim() != 4:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"vattention: the attention mask of a decode step must be a 4D tensor "
@@ -486,7 +478,18 @@ def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
     else:
         raise ValueError(f"vattention: attention masks must be bool or float, got {mask.dtype}")
     heads_differ = (valid != valid[:, :1]).any()
-    valid = valid[:, 0].expand(batch, length)
+    return valid[:, 0].expand(batch, length), bias, heads_differ
+
+
+def key_ranges(mask: Optional[Tensor], batch: int, length: int) -> KeyRanges:
+    """The valid key range of each row from a decode step's 4D mask ([B or 1, H or 1, 1, N]).
+
+    Boolean masks (True = attend) and additive float masks (0 = attend, -inf or the dtype's
+    min = masked) are accepted; each row's visible keys must be one contiguous range.
+    """
+    if mask is None:
+        return KeyRanges(None, None, None)
+    valid, bias, heads_differ = _mask_keys(mask, batch, length)
     counts = valid.sum(-1)
     positions = torch.arange(length, device=mask.device)
     first = torch.where(valid, positions, length).amin(-1)
@@ -687,10 +690,16 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             parts.append(stats_b)
         out = torch.cat(outs, dim=0)
         stats = _cat_stats(parts, ranges.starts) if recording else None
-    if recording:
+    return _step_output(state, out, stats, query.dtype)
+
+
+def _step_output(state: _LayerState, out: Tensor, stats, dtype):
+    """What attention returns for a decode step ([B, 1, Hq, D] in the query's dtype, None),
+    after giving the step's stats (None when nothing records) to every recorder."""
+    if stats is not None:
         for recorder in state.shared.recorders:
             recorder.record(state.layer, stats)
-    return out.to(query.dtype).unsqueeze(1), None
+    return out.to(dtype).unsqueeze(1), None
 
 
 def _graph_step(state: _LayerState, q: Tensor, key: Tensor, value: Tensor,
@@ -708,10 +717,7 @@ def _graph_step(state: _LayerState, q: Tensor, key: Tensor, value: Tensor,
     if seed is not None:
         seed[1:].add_(1)  # after the samplers read it, on the same stream
     out, stats = result if recording else (result, None)
-    if recording:
-        for recorder in state.shared.recorders:
-            recorder.record(state.layer, stats)
-    return out.to(dtype).unsqueeze(1), None
+    return _step_output(state, out, stats, dtype)
 
 
 class DecodeGraph:
