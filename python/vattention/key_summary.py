@@ -47,6 +47,7 @@ import torch
 
 from . import ops
 from .config import KERNEL_DTYPES
+from .paged import check_table
 
 Tensor = torch.Tensor
 
@@ -241,7 +242,7 @@ def build_key_summary(k: Tensor, format: str = "int4", lengths: Optional[Tensor]
         if format != "int4":
             raise ValueError(f"only an 'int4' summary can be paged (block_table given), got "
                              f"format {format!r}")
-        _check_table(block_table, k.device)
+        check_table(block_table, k.device, "k")
     if format == "int3_channel":
         return summarize_keys_torch(k, format, lengths)
     batch, kv_heads, length, dim = k.shape
@@ -249,15 +250,6 @@ def build_key_summary(k: Tensor, format: str = "int4", lengths: Optional[Tensor]
     update_key_summary(summary, k, 0)
     summary.paged = block_table is not None
     return summary
-
-
-def _check_table(block_table, device) -> None:
-    if (not isinstance(block_table, Tensor) or block_table.dtype != torch.int32
-            or block_table.dim() != 2):
-        raise ValueError(f"block_table must be an int32 tensor [batch, max_blocks], got "
-                         f"{_describe(block_table)}")
-    if block_table.device != device:
-        raise ValueError(f"block_table must be on {device}, got {block_table.device}")
 
 
 def update_key_summary(summary: KeySummary, k_new: Tensor, row_begin: Union[int, Tensor],
@@ -281,7 +273,7 @@ def update_key_summary(summary: KeySummary, k_new: Tensor, row_begin: Union[int,
     _check_k(k_new, "k_new", summary.format if summary.format in FORMATS else "int4")
     batch, kv_heads, _, dim = k_new.shape
     if block_table is not None:
-        _check_table(block_table, k_new.device)
+        check_table(block_table, k_new.device, "k_new")
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table has batch {block_table.shape[0]} but k_new has "
                              f"{batch}")

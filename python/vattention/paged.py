@@ -16,12 +16,18 @@ import torch
 Tensor = torch.Tensor
 
 
-def _check_table(block_table) -> None:
+def check_table(block_table, device: Optional[torch.device] = None,
+                owner: str = "cache") -> None:
+    """Raises a ValueError naming block_table unless it is an int32 tensor [batch,
+    max_blocks] (on `device`, `owner`'s, when given)."""
     if (not isinstance(block_table, Tensor) or block_table.dim() != 2
             or block_table.dtype != torch.int32):
         got = (f"{block_table.dtype} {tuple(block_table.shape)}"
                if isinstance(block_table, Tensor) else type(block_table).__name__)
         raise ValueError(f"block_table must be an int32 tensor [batch, max_blocks], got {got}")
+    if device is not None and block_table.device != device:
+        raise ValueError(f"block_table must be on {owner}'s device {device}, got "
+                         f"{block_table.device}")
 
 
 def paged_to_contiguous(cache: Tensor, block_table: Tensor) -> Tensor:
@@ -32,13 +38,10 @@ def paged_to_contiguous(cache: Tensor, block_table: Tensor) -> Tensor:
     [B, max_blocks] on cache's device. An id outside [0, num_blocks) (a table's unused tail
     may hold anything, as vLLM's does) gives rows of zeros rather than an error: the ops
     never read such rows, so a reference must not either."""
-    _check_table(block_table)
     if cache.dim() < 3:
         raise ValueError(f"cache must be a pool [num_blocks, H, block_size, ...], got shape "
                          f"{tuple(cache.shape)}")
-    if block_table.device != cache.device:
-        raise ValueError(f"block_table must be on cache's device {cache.device}, got "
-                         f"{block_table.device}")
+    check_table(block_table, cache.device)
     num_blocks, heads, block_size = cache.shape[:3]
     rest = tuple(cache.shape[3:])
     batch, max_blocks = block_table.shape
