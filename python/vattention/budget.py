@@ -39,6 +39,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import ops
+from .device import host_values
 
 Tensor = torch.Tensor
 
@@ -102,13 +103,6 @@ _HOST_TABLES: Dict[float, Tuple[float, ...]] = {}
 _DEVICE_TABLES: Dict[Tuple[float, str], Tensor] = {}
 
 
-def _capturing(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
-
-
 def _chi2_table(delta: float, device: torch.device) -> Tensor:
     """The table as a float64 tensor on `device`, with no host sync after its first use.
 
@@ -122,12 +116,7 @@ def _chi2_table(delta: float, device: torch.device) -> Tensor:
     key = (float(delta), str(device))
     table = _DEVICE_TABLES.get(key)
     if table is None:
-        if _capturing(device):
-            table = torch.empty(len(values), dtype=torch.float64, device=device)
-            for i, value in enumerate(values):
-                table[i].fill_(value)
-        else:
-            table = torch.tensor(values, dtype=torch.float64).to(device)
+        table = host_values(values, torch.float64, device)
         _DEVICE_TABLES[key] = table
     return table
 

@@ -20,6 +20,7 @@ from . import budget as budget_rules
 from . import heavy_size
 from . import ops
 from .config import VAttentionConfig, check_qkv, kv_length, resolve_size, resolve_sizes
+from .device import host_values
 from .key_summary import FORMATS as SUMMARY_FORMATS, KeySummary, summary_bytes
 from .select import select_scores
 
@@ -31,38 +32,6 @@ MAX_RNG_OFFSET = 1 << 30
 
 def _no_timer(name: str) -> ContextManager:
     return contextlib.nullcontext()
-
-
-def _capturing(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
-
-
-def _host_ints(values: Sequence[int], device: torch.device) -> Tensor:
-    """Host ints as an int64 tensor on `device`, with no host sync and capturable in a graph.
-
-    The usual way, a non-blocking copy from pageable host memory, cannot be captured in a
-    CUDA graph: a replay would re-read host memory that is gone. Pinned memory could be, but
-    only if the pinned buffer outlived every replay of every graph that captured it, which
-    no tensor we return can promise. So under capture (and under torch.compile, whose
-    CUDA graphs capture the same way) each run of equal values is a fill kernel, its value
-    baked into the graph: host values are constants of a graph anyway (a graph replays the
-    draws of an int seed and the lengths of CPU seq_lens that it captured). Outside capture
-    one copy costs one launch where the fills cost one per run.
-    """
-    if torch.compiler.is_compiling() or _capturing(device):
-        out = torch.empty(len(values), dtype=torch.int64, device=device)
-        start = 0
-        for i in range(1, len(values) + 1):
-            if i == len(values) or values[i] != values[start]:
-                out[start:i].fill_(values[start])
-                start = i
-        return out
-    if device.type == "cpu":
-        return torch.tensor(list(values), dtype=torch.int64)
-    return torch.tensor(list(values), dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _lengths(seq_lens, batch: int, length: int, device: torch.device,
@@ -80,7 +49,7 @@ def _lengths(seq_lens, batch: int, length: int, device: torch.device,
         if any(n < 0 or n > length for n in values):
             what = "max_blocks * block_size" if paged else "k's length"
             raise ValueError(f"seq_lens must lie in [0, {length}] ({what}), got {values}")
-        return _host_ints(values, device)
+        return host_values(values, torch.int64, device)
     if seq_lens.device != device and seq_lens.device.type != "cpu":
         raise ValueError(f"seq_lens must be on the CPU or on {device}, got {seq_lens.device}")
     seq_lens = seq_lens.to(device, non_blocking=True)
@@ -113,7 +82,7 @@ def _rng_state(seed: SeedLike, device: torch.device) -> Tensor:
                          f"int64 tensor [2], got {seed!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < MAX_RNG_OFFSET:
         raise ValueError(f"seed offset must be an int in [0, 2^30), got {offset!r}")
-    return _host_ints((seed, offset), device)
+    return host_values((seed, offset), torch.int64, device)
 
 
 def _per_list(rows: Tensor, list_heads: int) -> Tensor:

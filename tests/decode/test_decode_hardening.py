@@ -23,6 +23,7 @@ from vattention.coverage import synthetic_heads
 from tests.helpers import cuda_only, gen, no_sync
 
 decode_module = importlib.import_module("vattention.decode")
+device_module = importlib.import_module("vattention.device")
 
 NAN = float("nan")
 
@@ -374,9 +375,9 @@ def _seed_form(form):
 
 @pytest.mark.parametrize("values", [[5], [2 ** 63 - 1, 0], [7, 7, 3, 3, 3, 9, 7], list(range(9))])
 def test_host_ints_fill_the_same_values_as_a_copy(device, monkeypatch, values):
-    copied = decode_module._host_ints(values, device)
-    monkeypatch.setattr(decode_module, "_capturing", lambda device: True)   # as under capture
-    filled = decode_module._host_ints(values, device)
+    copied = device_module.host_values(values, torch.int64, device)
+    monkeypatch.setattr(device_module, "capturing", lambda device: True)   # as under capture
+    filled = device_module.host_values(values, torch.int64, device)
     assert filled.dtype == copied.dtype == torch.int64 and filled.device.type == device.type
     assert filled.tolist() == copied.tolist() == values
 

@@ -92,6 +92,7 @@ import torch
 
 from ..config import VAttentionConfig
 from ..decode import MAX_RNG_OFFSET, decode as vattention_decode
+from ..device import capturing
 from .. import key_summary as _ks
 
 from transformers import AttentionInterface
@@ -149,7 +150,7 @@ class _Shared:
             return cached[2]
         valid, bias, heads_differ = _mask_keys(mask, batch, length)
         lengths = valid.sum(-1)
-        if not _capturing(mask.device):
+        if not capturing(mask.device):
             prefix = torch.arange(length, device=mask.device)[None, :] < lengths[:, None]
             torch._assert_async((valid == prefix).all() & ~bias & ~heads_differ,
                                 "vattention (cuda_graphs=True): every row of a decode step must "
@@ -170,10 +171,6 @@ class _Shared:
         ranges = key_ranges(mask, batch, length)
         self._mask_cache = (mask, version, (batch, length), ranges)
         return ranges
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _version(t: Tensor) -> int:
@@ -206,7 +203,7 @@ class _LayerState:
         if self.shared.seed is None:
             return None
         if self.rng is None or self.rng.device != device:
-            if _capturing(device):
+            if capturing(device):
                 raise RuntimeError(
                     "vattention (cuda_graphs=True): run one decode step eagerly after each "
                     "prefill before capturing (it creates the layer's seed tensor and key "
@@ -706,7 +703,7 @@ def _graph_step(state: _LayerState, q: Tensor, key: Tensor, value: Tensor,
                 attention_mask: Optional[Tensor], scaling, recording: bool, dtype):
     """A decode step of configure(cuda_graphs=True): the same decode call with its seed and
     lengths on the device, nothing read on the host."""
-    if recording and _capturing(q.device):
+    if recording and capturing(q.device):
         raise RuntimeError("vattention: collect_stats cannot record inside a captured CUDA "
                            "graph (its stats would be overwritten by every replay)")
     seq_lens = state.shared.device_lengths(attention_mask, q.shape[0], key.shape[2])
