@@ -176,7 +176,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     window_start = sink
     if cfg.heavy_sizes:
         return _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage,
-                                return_stats, (sink, local, sink_max, local_max), pilot_max,
+                                return_stats,
+                                (sink, local, det_idx[:, :, :sink_max + local_max]), pilot_max,
                                 list_heads, starts_rows, ends_rows, block_table)
 
     if heavy_max > 0 and union:
@@ -295,18 +296,6 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     return out, stats
 
 
-def _fixed_indices(sink: Tensor, local: Tensor, window_end: Tensor, sink_max: int,
-                   local_max: int) -> Tensor:
-    """The sink and local positions of each row, -1 padded: [B, sink_max + local_max] int32."""
-    device = sink.device
-    sink_pos = torch.arange(sink_max, device=device)
-    sink_idx = torch.where(sink_pos[None, :] < sink[:, None], sink_pos[None, :], -1)
-    local_pos = torch.arange(local_max, device=device)
-    local_idx = torch.where(local_pos[None, :] < local[:, None],
-                            window_end[:, None] + local_pos[None, :], -1)
-    return torch.cat([sink_idx, local_idx], dim=1).to(torch.int32)
-
-
 def _within_count(indices: Tensor, counts: Tensor) -> Tensor:
     """indices [rows, W] with the entries at or beyond each row's count set to -1."""
     slots = torch.arange(indices.shape[1], device=indices.device)
@@ -327,7 +316,7 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     device = q.device
     group = q_heads // list_heads
     rows = batch * list_heads
-    sink, local, sink_max, local_max = fixed
+    sink, local, fixed_idx = fixed        # fixed_idx: plan_lists' sink / local part [B, Hl, F]
     window_start, window_end = sink, lengths - local
     window = window_end - window_start
     counts, bounds = heavy_size.candidate_sizes(cfg.heavy_sizes, lengths, window, length)
@@ -349,9 +338,8 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     heavy_c = torch.stack(counts)[:, :, None].expand(-1, -1, list_heads)    # [C, B, Hl]
     n_residual_c = window[None, :, None] - heavy_c                         # [C, B, Hl]
 
-    fixed_idx = _fixed_indices(sink, local, window_end, sink_max, local_max)
-    det_idx = torch.cat([fixed_idx[:, None, :].expand(-1, list_heads, -1),
-                         candidates[0].view(batch, list_heads, bounds[0])], dim=2).contiguous()
+    det_idx = torch.cat([fixed_idx, candidates[0].view(batch, list_heads, bounds[0])],
+                        dim=2).contiguous()
     det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
                             device=device)
     with stage("attend"):
