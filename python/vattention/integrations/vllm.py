@@ -510,9 +510,10 @@ class VAttentionImpl(CPUAttentionBackendImpl):
         new_k = new_k.to(state.k_rows.dtype)
         state.k_rows[blocks, :, offsets] = new_k  # [tokens, Hkv, D] into (block, :, slot)
         if state.summary is not None:
-            part = _ks.build_key_summary(new_k.transpose(0, 1).unsqueeze(0).contiguous())
-            state.summary.codes[blocks, :, offsets] = part.codes[0].transpose(0, 1)
-            state.summary.params[blocks, :, offsets] = part.params[0].transpose(0, 1)
+            # Each token as a batch row of one block: the paged update writes its summary at
+            # (blocks[t], offsets[t]) in place.
+            _ks.update_key_summary(state.summary, new_k[:, :, None, :], offsets,
+                                   blocks.to(torch.int32)[:, None])
 
     def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
                 attn_metadata: Optional[VAttentionMetadata], output: Tensor,
