@@ -122,6 +122,7 @@ int main(int argc, char** argv) {
     p.rows = rows;
     p.length = length;
     p.k_max = c.k_max;
+    p.index_row_stride = c.k_max;
     p.dtype = dtype;
     auto run = [&] { BENCH_CHECK(select_topk_cuda(p, nullptr, nullptr)); };
     const double ms = bench::time_ms(run, iters);

@@ -216,6 +216,23 @@ void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, 
   element_type(scores, "scores");
 }
 
+void check_select_topk_out(const at::Tensor& out, const at::Tensor& scores) {
+  TORCH_CHECK(scores.dim() == 2, "vattention: scores must be [rows, length], got ",
+              scores.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kInt, "vattention: out must be int32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == scores.size(0),
+              "vattention: out must be [rows, k_max] with rows = scores.size(0) = ",
+              scores.size(0), ", got ", out.sizes());
+  TORCH_CHECK(out.device() == scores.device(), "vattention: out must be on ", scores.device(),
+              ", got ", out.device());
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1,
+              "vattention: out must be contiguous along its last dim, got strides ", out.strides());
+  TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= out.size(1),
+              "vattention: out's rows must not overlap (row stride >= k_max = ", out.size(1),
+              "), got strides ", out.strides());
+}
+
 SelectTopkParams select_topk_params(const at::Tensor& scores, const at::Tensor& starts,
                        const at::Tensor& ends, const at::Tensor& ks, int64_t k_max,
                        const at::Tensor& indices) {
@@ -226,6 +243,7 @@ SelectTopkParams select_topk_params(const at::Tensor& scores, const at::Tensor& 
   p.ends = ends.data_ptr<int32_t>();
   p.ks = ks.data_ptr<int32_t>();
   p.indices = indices.data_ptr<int32_t>();
+  p.index_row_stride = indices.size(0) > 1 ? indices.stride(0) : k_max;
   p.rows = scores.size(0);
   p.length = scores.size(1);
   p.k_max = k_max;
@@ -241,7 +259,13 @@ SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
               heavy.sizes());
   TORCH_CHECK(heavy.scalar_type() == at::kInt, "vattention: heavy must be int32, got ",
               heavy.scalar_type());
-  TORCH_CHECK(heavy.is_contiguous(), "vattention: heavy must be contiguous");
+  // Any row stride (decode passes the heavy columns of its deterministic list), the
+  // entries of a row contiguous.
+  TORCH_CHECK(heavy.size(1) <= 1 || heavy.stride(1) == 1,
+              "vattention: heavy's last dim must be contiguous, got strides ", heavy.strides());
+  TORCH_CHECK(heavy.size(0) <= 1 || heavy.stride(0) >= heavy.size(1),
+              "vattention: heavy's rows must not overlap (stride(0) >= size(1)), got strides ",
+              heavy.strides(), " for shape ", heavy.sizes());
   const int64_t rows = heavy.size(0);
   check_int32_vector(starts, "starts", rows, heavy);
   check_int32_vector(ends, "ends", rows, heavy);
@@ -261,7 +285,8 @@ SampleParams sample_params(const at::Tensor& heavy, const at::Tensor& starts,
   *counts = at::empty({rows}, heavy.options());
   SampleParams p{};
   p.heavy = heavy.size(1) > 0 ? heavy.data_ptr<int32_t>() : nullptr;
-  p.heavy_stride = heavy.size(1);
+  p.heavy_width = heavy.size(1);
+  p.heavy_stride = heavy.size(0) > 1 ? heavy.stride(0) : heavy.size(1);
   p.starts = starts.data_ptr<int32_t>();
   p.ends = ends.data_ptr<int32_t>();
   p.num_samples = num_samples.data_ptr<int32_t>();
@@ -559,7 +584,7 @@ PlanListsOutputs plan_lists_params(PlanListsParams* p, const at::Tensor& q,
                                    const c10::optional<at::Tensor>& lengths, int64_t length,
                                    int64_t list_heads, at::ArrayRef<double> sizes,
                                    const c10::List<bool>& fractions, int64_t sink_max,
-                                   int64_t local_max, int64_t heavy_max) {
+                                   int64_t local_max, int64_t heavy_max, int64_t dense_below) {
   TORCH_CHECK(q.dim() == 3, "vattention: q must be [batch, q_heads, head_dim], got ", q.sizes());
   const int64_t batch = q.size(0);
   *p = PlanListsParams{};
@@ -598,10 +623,18 @@ PlanListsOutputs plan_lists_params(PlanListsParams* p, const at::Tensor& q,
     p->sizes[i] = s;
     p->fractions[i] = fraction;
   }
+  TORCH_CHECK(dense_below >= 0, "vattention: dense_below must be >= 0 (0: off), got ",
+              dense_below);
   TORCH_CHECK(sink_max >= 0 && local_max >= 0 && heavy_max >= 0 &&
                   sink_max + local_max + heavy_max < (int64_t(1) << 31),
               "vattention: sink_max, local_max and heavy_max must be >= 0 with a sum below "
               "2^31, got ", sink_max, ", ", local_max, ", ", heavy_max);
+  const int64_t dense_max = plan_dense_max(length, dense_below, sink_max, local_max);
+  TORCH_CHECK(sink_max + local_max + heavy_max + dense_max < (int64_t(1) << 31),
+              "vattention: the deterministic list's width (sink_max + local_max + heavy_max "
+              "+ the dense rows' ", dense_max, " extra columns) must be below 2^31");
+  p->dense_below = dense_below;
+  p->dense_max = dense_max;
   p->length = length;
   p->batch = batch;
   p->list_heads = list_heads;
@@ -660,8 +693,23 @@ std::tuple<at::Tensor, at::Tensor> merge_estimate_params(
     p->extra_out = extra_out->data_ptr<float>();
     p->extra_lse = extra_lse->data_ptr<float>();
   }
-  check_plain_input(sample_out, "sample_out", det_out.sizes(), at::kFloat, det_out);
-  check_plain_input(sample_lse, "sample_lse", {batch, q_heads}, at::kFloat, det_out);
+  // The sample: merged [B, Hq, D] / [B, Hq], or split partials [B, Hq, S, D] / [B, Hq, S].
+  TORCH_CHECK(sample_out.dim() == 3 || sample_out.dim() == 4,
+              "vattention: sample_out must be [batch, q_heads, head_dim] or [batch, q_heads, "
+              "splits, head_dim], got ", sample_out.sizes());
+  const bool split_sample = sample_out.dim() == 4;
+  const int64_t sample_splits = split_sample ? sample_out.size(2) : 1;
+  TORCH_CHECK(sample_splits >= 1, "vattention: sample_out needs at least one split, got ",
+              sample_out.sizes());
+  if (split_sample) {
+    check_plain_input(sample_out, "sample_out", {batch, q_heads, sample_splits, dim}, at::kFloat,
+                      det_out);
+    check_plain_input(sample_lse, "sample_lse", {batch, q_heads, sample_splits}, at::kFloat,
+                      det_out);
+  } else {
+    check_plain_input(sample_out, "sample_out", det_out.sizes(), at::kFloat, det_out);
+    check_plain_input(sample_lse, "sample_lse", {batch, q_heads}, at::kFloat, det_out);
+  }
   TORCH_CHECK(sample_counts.dim() == 1, "vattention: sample_counts must be [batch * list_heads], "
               "got ", sample_counts.sizes());
   const int64_t lists = sample_counts.size(0);
@@ -688,6 +736,7 @@ std::tuple<at::Tensor, at::Tensor> merge_estimate_params(
   p->det_lse = det_lse.data_ptr<float>();
   p->sample_out = sample_out.data_ptr<float>();
   p->sample_lse = sample_lse.data_ptr<float>();
+  p->sample_splits = sample_splits;
   p->sample_counts = sample_counts.data_ptr<int32_t>();
   p->pilot_max_logit = pilot_max_logit.data_ptr<float>();
   p->moments = moments.data_ptr();

@@ -55,7 +55,12 @@ PilotDispersionParams pilot_dispersion_params(const at::Tensor& q, const at::Ten
 void check_select_topk_args(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                      const at::Tensor& ks, int64_t k_max);
 
-// Expects check_select_topk_args to have passed; indices is the [rows, k_max] int32 output.
+// select_topk_into's output: int32 [rows, k_max] on scores' device, last dim contiguous,
+// rows apart by >= k_max (a column slice of a wider list); checked before the args.
+void check_select_topk_out(const at::Tensor& out, const at::Tensor& scores);
+
+// Expects check_select_topk_args to have passed; indices is the [rows, k_max] int32
+// output (check_select_topk_out's layout; its row stride is passed on).
 SelectTopkParams select_topk_params(const at::Tensor& scores, const at::Tensor& starts,
                        const at::Tensor& ends, const at::Tensor& ks, int64_t k_max,
                        const at::Tensor& indices);
@@ -165,15 +170,17 @@ using PlanListsOutputs =
 // q [B, Hq, D] (batch and device only); lengths int64 / int32 [B] on q's device or none;
 // length >= 0; list_heads >= 1; sizes / fractions: 4 entries (sink, local, heavy,
 // base_rate), a count an integral >= 0 (fraction false) or a fraction in [0, 1]; the
-// maxima >= 0. Allocates the outputs on q's device and sets them in *p.
+// maxima >= 0; dense_below >= 0 (0: no dense fallback). Allocates the outputs on q's
+// device and sets them in *p.
 PlanListsOutputs plan_lists_params(PlanListsParams* p, const at::Tensor& q,
                                    const c10::optional<at::Tensor>& lengths, int64_t length,
                                    int64_t list_heads, at::ArrayRef<double> sizes,
                                    const c10::List<bool>& fractions, int64_t sink_max,
-                                   int64_t local_max, int64_t heavy_max);
+                                   int64_t local_max, int64_t heavy_max, int64_t dense_below);
 
-// det_out / extra_out / sample_out [B, Hq, D] and their lse [B, Hq] (float32); extra
-// both or neither; pilot_max_logit [B, Hq] float32; moments [B, Hq, 3] and
+// det_out / extra_out [B, Hq, D] and their lse [B, Hq] (float32); extra both or neither;
+// sample_out / sample_lse [B, Hq, D] / [B, Hq], or the sample's S >= 1 split partials
+// [B, Hq, S, D] / [B, Hq, S] (sparse_attention_partials'); pilot_max_logit [B, Hq] float32; moments [B, Hq, 3] and
 // vector_moments [B, Hq, 2, D] (both float32 or both float64); n_residual_heads int64
 // [B, Hq]; sample_counts / reused int32 [B * lists] with Hq % lists == 0; all contiguous
 // on det_out's device; out_dtype float32, float16 or bfloat16. Allocates (out, lse) and

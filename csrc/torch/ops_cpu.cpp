@@ -55,12 +55,19 @@ void check_index_list(const IndexListParams& list, int64_t rows_in_list, int64_t
   }
 }
 
+void select_topk_into_cpu_op(const at::Tensor& scores, const at::Tensor& starts,
+                             const at::Tensor& ends, const at::Tensor& ks, const at::Tensor& out) {
+  check_select_topk_out(out, scores);
+  check_select_topk_args(scores, starts, ends, ks, out.size(1));
+  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, out.size(1), out);
+  at::parallel_for(0, p.rows, kGrain, [&](int64_t begin, int64_t end) { select_topk_cpu(p, begin, end); });
+}
+
 at::Tensor select_topk_cpu_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
                        const at::Tensor& ks, int64_t k_max) {
   check_select_topk_args(scores, starts, ends, ks, k_max);
   at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
-  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, k_max, indices);
-  at::parallel_for(0, p.rows, kGrain, [&](int64_t begin, int64_t end) { select_topk_cpu(p, begin, end); });
+  select_topk_into_cpu_op(scores, starts, ends, ks, indices);
   return indices;
 }
 
@@ -78,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_residual_cpu_op(
                 " ends=", p.ends[r], " in row ", r);
     int32_t previous = p.starts[r] - 1;
     bool padding = false;
-    for (int64_t j = 0; j < p.heavy_stride; ++j) {
+    for (int64_t j = 0; j < p.heavy_width; ++j) {
       const int32_t h = p.heavy[r * p.heavy_stride + j];
       if (h < 0) {
         padding = true;
@@ -141,10 +148,13 @@ std::tuple<at::Tensor, at::Tensor> combine_into(const at::Tensor& partial_out,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu_op(
+// The split partials of sparse_attention (partial_out [B * Hq, S, D], partial_lse
+// [B * Hq, S]), shared by sparse_attention and sparse_attention_partials.
+SparseAttentionParams sparse_attention_split_partials(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
-    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table, at::Tensor* partial_out,
+    at::Tensor* partial_lse) {
   SparseAttentionParams p{};
   p.qkv = qkv_params(q, k, v, scale, block_table);
   p.list = index_list_params(p.qkv, q, indices, counts, log_weights);
@@ -156,16 +166,42 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu_op(
   p.num_splits = num_splits > 0 ? num_splits
                                 : choose_num_splits(heads, p.list.max_count, at::get_num_threads());
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
-  at::Tensor partial_lse = at::empty({heads, p.num_splits}, f32);
-  p.partial_out = partial_out.data_ptr<float>();
-  p.partial_lse = partial_lse.data_ptr<float>();
+  *partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
+  *partial_lse = at::empty({heads, p.num_splits}, f32);
+  p.partial_out = partial_out->data_ptr<float>();
+  p.partial_lse = partial_lse->data_ptr<float>();
   at::parallel_for(0, heads * p.num_splits, kGrain, [&](int64_t begin, int64_t end) {
     sparse_attention_partial_cpu(p, begin, end);
   });
-  return combine_into(partial_out, partial_lse, heads, p.num_splits, p.qkv.head_dim, false,
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
+  at::Tensor partial_out, partial_lse;
+  const SparseAttentionParams p =
+      sparse_attention_split_partials(q, k, v, indices, log_weights, counts, scale, num_splits,
+                                      block_table, &partial_out, &partial_lse);
+  const auto f32 = q.options().dtype(at::kFloat);
+  return combine_into(partial_out, partial_lse, p.qkv.batch * p.qkv.q_heads, p.num_splits,
+                      p.qkv.head_dim, false,
                       at::empty({p.qkv.batch, p.qkv.q_heads, p.qkv.head_dim}, f32),
                       at::empty({p.qkv.batch, p.qkv.q_heads}, f32));
+}
+
+// (partial_out [B, Hq, S, D], partial_lse [B, Hq, S]): sparse_attention before its combine.
+std::tuple<at::Tensor, at::Tensor> sparse_attention_partials_cpu_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
+  at::Tensor partial_out, partial_lse;
+  const SparseAttentionParams p =
+      sparse_attention_split_partials(q, k, v, indices, log_weights, counts, scale, num_splits,
+                                      block_table, &partial_out, &partial_lse);
+  return {partial_out.view({p.qkv.batch, p.qkv.q_heads, p.num_splits, p.qkv.head_dim}),
+          partial_lse.view({p.qkv.batch, p.qkv.q_heads, p.num_splits})};
 }
 
 std::tuple<at::Tensor, at::Tensor> combine_cpu_op(const at::Tensor& partial_out,
@@ -236,10 +272,12 @@ at::Tensor select_scores_summary_cpu_op(const at::Tensor& q, const at::Tensor& c
 
 TORCH_LIBRARY_IMPL(vattention, CPU, m) {
   m.impl("select_topk", &select_topk_cpu_op);
+  m.impl("select_topk_into", &select_topk_into_cpu_op);
   m.impl("sample_residual", &sample_residual_cpu_op);
   m.impl("pilot_stats", &pilot_stats_cpu_op);
   m.impl("pilot_dispersion", &pilot_dispersion_cpu_op);
   m.impl("sparse_attention", &sparse_attention_cpu_op);
+  m.impl("sparse_attention_partials", &sparse_attention_partials_cpu_op);
   m.impl("combine", &combine_cpu_op);
   m.impl("select_scores", &select_scores_cpu_op);
   m.impl("summarize_keys", &summarize_keys_cpu_op);
@@ -331,17 +369,20 @@ namespace {
 PlanListsOutputs plan_lists_cpu_op(const at::Tensor& q, const c10::optional<at::Tensor>& lengths,
                                    int64_t length, int64_t list_heads,
                                    at::ArrayRef<double> sizes, const c10::List<bool>& fractions,
-                                   int64_t sink_max, int64_t local_max, int64_t heavy_max) {
+                                   int64_t sink_max, int64_t local_max, int64_t heavy_max,
+                                   int64_t dense_below) {
   PlanListsParams p;
   PlanListsOutputs out = plan_lists_params(&p, q, lengths, length, list_heads, sizes, fractions,
-                                           sink_max, local_max, heavy_max);
+                                           sink_max, local_max, heavy_max, dense_below);
   // Host data: a length out of range, or a row whose sink / local / heavy exceed the
-  // buffer's bounds (which would drop tokens silently), is reported.
+  // buffer's bounds (which would drop tokens silently), is reported. (A dense row's local
+  // may pass local_max: its rows fill the extra columns, which a length in range fits.)
   for (int64_t b = 0; b < p.batch; ++b) {
     const PlanRow r = plan_row(p, b);
     TORCH_CHECK(r.length >= 0 && r.length <= length, "vattention: lengths must lie in [0, ",
                 length, "], got ", r.length, " in row ", b);
-    TORCH_CHECK(r.sink <= sink_max && r.local <= local_max && r.heavy <= heavy_max,
+    TORCH_CHECK(r.sink <= sink_max && (r.dense || r.local <= local_max) &&
+                    r.heavy <= heavy_max,
                 "vattention: row ", b, " (length ", r.length, ") has sink ", r.sink, ", local ",
                 r.local, ", heavy ", r.heavy, " above sink_max ", sink_max, ", local_max ",
                 local_max, ", heavy_max ", heavy_max);

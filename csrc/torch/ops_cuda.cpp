@@ -42,14 +42,14 @@ void check_head_dim(int64_t dim) {
   TORCH_CHECK(false, "vattention: the CUDA kernels support head_dim ", supported, ", got ", dim);
 }
 
-at::Tensor select_topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
-                        const at::Tensor& ks, int64_t k_max) {
+void select_topk_into_cuda_op(const at::Tensor& scores, const at::Tensor& starts,
+                              const at::Tensor& ends, const at::Tensor& ks, const at::Tensor& out) {
   check_cuda(scores, "scores");
   const c10::cuda::CUDAGuard guard(scores.device());
-  check_select_topk_args(scores, starts, ends, ks, k_max);
-  at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
-  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, k_max, indices);
-  if (p.rows == 0 || p.k_max == 0) return indices;
+  check_select_topk_out(out, scores);
+  check_select_topk_args(scores, starts, ends, ks, out.size(1));
+  const SelectTopkParams p = select_topk_params(scores, starts, ends, ks, out.size(1), out);
+  if (p.rows == 0 || p.k_max == 0) return;
   const size_t ws_bytes = select_topk_cuda_workspace_bytes(p);
   at::Tensor workspace;
   if (ws_bytes > 0) {
@@ -57,6 +57,14 @@ at::Tensor select_topk_cuda_op(const at::Tensor& scores, const at::Tensor& start
   }
   C10_CUDA_CHECK(select_topk_cuda(p, ws_bytes > 0 ? workspace.data_ptr() : nullptr,
                            at::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor select_topk_cuda_op(const at::Tensor& scores, const at::Tensor& starts, const at::Tensor& ends,
+                        const at::Tensor& ks, int64_t k_max) {
+  check_cuda(scores, "scores");
+  check_select_topk_args(scores, starts, ends, ks, k_max);
+  at::Tensor indices = at::empty({scores.size(0), k_max}, starts.options());
+  select_topk_into_cuda_op(scores, starts, ends, ks, indices);
   return indices;
 }
 
@@ -92,10 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pilot_stats_cuda_op(
   p.moments = moments.data_ptr<float>();
   p.vector_moments = vector_moments.data_ptr<float>();
   if (p.qkv.batch * p.qkv.q_heads == 0) return {max_logit, moments, vector_moments};
-  // Balanced splits (heuristics.h): a grid for the capacity, each list using the
-  // splits its own count needs, decided on the device.
+  // One kernel for short lists (pilot.h's pilot_split_grid: the default pilot); longer
+  // ones get balanced splits (heuristics.h), each list using the splits its own count
+  // needs, decided on the device, and a merge kernel.
   const int64_t sms = sm_count(q.device().index());
-  const int64_t splits = choose_split_grid(p.list.max_count, sms);
+  const int64_t splits = pilot_split_grid(p.list.max_count, sms);
   p.split_target_blocks = kBlocksPerWorker * sms;
   const size_t ws_bytes = pilot_stats_cuda_workspace_bytes(p, splits);
   at::Tensor workspace;
@@ -133,12 +142,14 @@ void launch_combine(const at::Tensor& partial_out, const at::Tensor& partial_lse
   if (items > 0) C10_CUDA_CHECK(combine_cuda(c, at::cuda::getCurrentCUDAStream()));
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
+// The split partials of sparse_attention (partial_out [B * Hq, S, D], partial_lse
+// [B * Hq, S]), one kernel; shared by sparse_attention and sparse_attention_partials. The
+// caller holds a device guard for q.
+SparseAttentionParams sparse_attention_split_partials(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
     const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
-    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
-  check_cuda(q, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table, at::Tensor* partial_out,
+    at::Tensor* partial_lse) {
   SparseAttentionParams p{};
   p.qkv = qkv_params(q, k, v, scale, block_table);
   p.list = index_list_params(p.qkv, q, indices, counts, log_weights);
@@ -159,17 +170,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
     p.split_target_blocks = kBlocksPerWorker * sms;
   }
   const auto f32 = q.options().dtype(at::kFloat);
+  *partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
+  *partial_lse = at::empty({heads, p.num_splits}, f32);
+  if (heads == 0) return p;
+  p.partial_out = partial_out->data_ptr<float>();
+  p.partial_lse = partial_lse->data_ptr<float>();
+  C10_CUDA_CHECK(sparse_attention_partial_cuda(p, at::cuda::getCurrentCUDAStream()));
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor partial_out, partial_lse;
+  const SparseAttentionParams p =
+      sparse_attention_split_partials(q, k, v, indices, log_weights, counts, scale, num_splits,
+                                      block_table, &partial_out, &partial_lse);
+  const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({p.qkv.batch, p.qkv.q_heads, p.qkv.head_dim}, f32);
   at::Tensor lse = at::empty({p.qkv.batch, p.qkv.q_heads}, f32);
-  if (heads == 0) return {out, lse};
-  at::Tensor partial_out = at::empty({heads, p.num_splits, p.qkv.head_dim}, f32);
-  at::Tensor partial_lse = at::empty({heads, p.num_splits}, f32);
-  p.partial_out = partial_out.data_ptr<float>();
-  p.partial_lse = partial_lse.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(sparse_attention_partial_cuda(p, stream));
-  launch_combine(partial_out, partial_lse, heads, p.num_splits, p.qkv.head_dim, false, out, lse);
+  launch_combine(partial_out, partial_lse, p.qkv.batch * p.qkv.q_heads, p.num_splits,
+                 p.qkv.head_dim, false, out, lse);
   return {out, lse};
+}
+
+// (partial_out [B, Hq, S, D], partial_lse [B, Hq, S]): sparse_attention before its combine,
+// one kernel.
+std::tuple<at::Tensor, at::Tensor> sparse_attention_partials_cuda_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& log_weights, const at::Tensor& counts, double scale,
+    int64_t num_splits, const c10::optional<at::Tensor>& block_table) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor partial_out, partial_lse;
+  const SparseAttentionParams p =
+      sparse_attention_split_partials(q, k, v, indices, log_weights, counts, scale, num_splits,
+                                      block_table, &partial_out, &partial_lse);
+  return {partial_out.view({p.qkv.batch, p.qkv.q_heads, p.num_splits, p.qkv.head_dim}),
+          partial_lse.view({p.qkv.batch, p.qkv.q_heads, p.num_splits})};
 }
 
 std::tuple<at::Tensor, at::Tensor> combine_cuda_op(const at::Tensor& partial_out,
@@ -239,10 +280,12 @@ at::Tensor select_scores_summary_cuda_op(const at::Tensor& q, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(vattention, CUDA, m) {
   m.impl("select_topk", &select_topk_cuda_op);
+  m.impl("select_topk_into", &select_topk_into_cuda_op);
   m.impl("sample_residual", &sample_residual_cuda_op);
   m.impl("pilot_stats", &pilot_stats_cuda_op);
   m.impl("pilot_dispersion", &pilot_dispersion_cuda_op);
   m.impl("sparse_attention", &sparse_attention_cuda_op);
+  m.impl("sparse_attention_partials", &sparse_attention_partials_cuda_op);
   m.impl("combine", &combine_cuda_op);
   m.impl("select_scores", &select_scores_cuda_op);
   m.impl("summarize_keys", &summarize_keys_cuda_op);
@@ -319,12 +362,13 @@ namespace {
 PlanListsOutputs plan_lists_cuda_op(const at::Tensor& q, const c10::optional<at::Tensor>& lengths,
                                     int64_t length, int64_t list_heads,
                                     at::ArrayRef<double> sizes, const c10::List<bool>& fractions,
-                                    int64_t sink_max, int64_t local_max, int64_t heavy_max) {
+                                    int64_t sink_max, int64_t local_max, int64_t heavy_max,
+                                    int64_t dense_below) {
   TORCH_CHECK(q.is_cuda(), "vattention: q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   PlanListsParams p;
   PlanListsOutputs out = plan_lists_params(&p, q, lengths, length, list_heads, sizes, fractions,
-                                           sink_max, local_max, heavy_max);
+                                           sink_max, local_max, heavy_max, dense_below);
   C10_CUDA_CHECK(plan_lists_cuda(p, at::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -36,6 +36,7 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(vattention, m) {
   m.def("select_topk(Tensor scores, Tensor starts, Tensor ends, Tensor ks, int k_max) -> Tensor");
+  m.def("select_topk_into(Tensor scores, Tensor starts, Tensor ends, Tensor ks, Tensor(a!) out) -> ()");
   m.def(
       "sample_residual(Tensor heavy, Tensor starts, Tensor ends, Tensor num_samples, "
       "Tensor rng, int max_out, int draw_set) -> (Tensor, Tensor, Tensor)");
@@ -48,6 +49,13 @@ TORCH_LIBRARY(vattention, m) {
   m.def(
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? log_weights, "
       "Tensor counts, float scale, int num_splits, Tensor? block_table=None) -> (Tensor, Tensor)");
+  // sparse_attention's split partials, unmerged: (partial_out f32 [B, Hq, S, D],
+  // partial_lse f32 [B, Hq, S]), S from sparse_attention's split rule; a partial of lse
+  // -inf has unspecified out.
+  m.def(
+      "sparse_attention_partials(Tensor q, Tensor k, Tensor v, Tensor indices, "
+      "Tensor? log_weights, Tensor counts, float scale, int num_splits, "
+      "Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("combine(Tensor partial_out, Tensor partial_lse) -> (Tensor, Tensor)");
   m.def(
       "select_scores(Tensor q, Tensor k, Tensor lengths, float scale, bool share_gqa, "
@@ -89,8 +97,9 @@ TORCH_LIBRARY_FRAGMENT(vattention, m) {
 TORCH_LIBRARY_FRAGMENT(vattention, m) {
   m.def(
       "plan_lists(Tensor q, Tensor? lengths, int length, int list_heads, float[] sizes, "
-      "bool[] fractions, int sink_max, int local_max, int heavy_max) -> (Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool[] fractions, int sink_max, int local_max, int heavy_max, int dense_below=0) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   m.def(
       "merge_estimate(Tensor det_out, Tensor det_lse, Tensor? extra_out, Tensor? extra_lse, "
       "Tensor sample_out, Tensor sample_lse, Tensor sample_counts, Tensor? reused, "

@@ -35,6 +35,11 @@ void combine_cpu(const CombineParams& p, int64_t item_begin, int64_t item_end);
 //             reused[l] == 0 (then nothing of it is read into the output)
 //     the sample: lse = sample_lse + log(sample_counts[l]) - log(d);
 //   without reuse the sample as it is;
+// where the sample is given as sample_splits >= 1 split partials (sparse_attention's,
+// unmerged: sample_out [heads, S, head_dim], sample_lse [heads, S]), merged first exactly
+// as combine does (the same rule, order and arithmetic, so the result equals
+// merge_estimate of combine's output bit for bit on the CPU); a split of lse -inf is
+// skipped whatever its out holds; S = 1 is the merged sample itself;
 // merged by online_softmax.h's rule (a NaN lse makes the head's lse and out NaN, a NaN
 // in a non-empty partial's out reaches that element, an empty partial is ignored
 // whatever its out holds), then out cast to out_dtype. The statistics may be fp32 (the
@@ -46,8 +51,9 @@ struct MergeEstimateParams {
   const float* det_lse;          // [heads]
   const float* extra_out;        // or null
   const float* extra_lse;
-  const float* sample_out;
-  const float* sample_lse;
+  const float* sample_out;        // [heads, sample_splits, head_dim]
+  const float* sample_lse;        // [heads, sample_splits]
+  int64_t sample_splits = 1;      // >= 1
   const float* pilot_max_logit;  // [heads]
   const void* moments;           // [heads, 3], fp32 or fp64 (stats_double)
   const void* vector_moments;    // [heads, 2, head_dim], same type
@@ -93,13 +99,31 @@ VATT_HD void store(void* out, DType dtype, int64_t i, float x) {
 }  // namespace merge_detail
 
 // The partials of query head `head`: their lse into lse[0..n) and where their out lives.
-// The pilot's out is computed on the fly (merge_estimate_out), so its slot points nowhere.
+// The pilot's out is computed on the fly (merge_estimate_out), so its slot points nowhere;
+// with sample_splits > 1 the sample's out is merged from its splits on the fly too
+// (sample_split_lse is then the merged lse, before the reweighting).
 struct MergePartials {
   int n;
   int pilot;                     // slot of the pilot partial, -1 if none
+  int sample;                    // slot of the sample partial
+  float sample_split_lse;
   float lse[kMergeMaxPartials];
   const float* out[kMergeMaxPartials];
 };
+
+// Element d of the merge of the sample's S > 1 splits (lse `split_lse`, out rows of
+// head_dim at `out`), whose merged lse is `merged` (not NaN, not -inf): combine_cpu's
+// sum, in its order.
+VATT_HD float merged_split_value(const float* split_lse, const float* out, int64_t splits,
+                                 int64_t dim, float merged, int64_t d) {
+  float acc = 0.f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float ls = split_lse[s];
+    if (is_neg_inf_bits(ls)) continue;  // empty split: its out is never read
+    acc += merge_weight(ls, merged) * out[s * dim + d];
+  }
+  return acc;
+}
 
 template <typename Stat>
 VATT_HD MergePartials merge_partials(const MergeEstimateParams& p, int64_t head) {
@@ -116,7 +140,10 @@ VATT_HD MergePartials merge_partials(const MergeEstimateParams& p, int64_t head)
   }
   const int64_t list = head / p.group;
   const int32_t count = p.sample_counts[list];
-  float sample_lse = p.sample_lse[head];
+  const int64_t splits = p.sample_splits;
+  float sample_lse = splits == 1 ? p.sample_lse[head]
+                                 : merged_lse(p.sample_lse + head * splits, int(splits), 1);
+  m.sample_split_lse = sample_lse;
   if (p.reused != nullptr) {
     const int32_t reused = p.reused[list];
     const int32_t draws = reused + count;
@@ -132,8 +159,9 @@ VATT_HD MergePartials merge_partials(const MergeEstimateParams& p, int64_t head)
     m.out[m.n++] = nullptr;
     sample_lse = sample_lse + log_f(float(count)) - log_draws;
   }
+  m.sample = m.n;
   m.lse[m.n] = sample_lse;
-  m.out[m.n++] = p.sample_out + head * dim;
+  m.out[m.n++] = p.sample_out + head * splits * dim;
   return m;
 }
 
@@ -163,7 +191,17 @@ VATT_HD void merge_estimate_head(const MergeEstimateParams& p, int64_t head, int
     } else {
       for (int s = 0; s < m.n; ++s) {
         if (is_neg_inf_bits(m.lse[s])) continue;  // empty partial: its out is never read
-        const float value = s == m.pilot ? float(v1[d] / sum_w) : m.out[s][d];
+        float value;
+        if (s == m.pilot) {
+          value = float(v1[d] / sum_w);
+        } else if (s == m.sample && p.sample_splits > 1) {
+          // Not NaN (the merge would be NaN) and not -inf (skipped above): the sample's
+          // split lse is finite or +inf, as combine's merged lse would be.
+          value = merged_split_value(p.sample_lse + head * p.sample_splits, m.out[s],
+                                     p.sample_splits, dim, m.sample_split_lse, d);
+        } else {
+          value = m.out[s][d];
+        }
         acc += weight[s] * value;
       }
     }

@@ -197,6 +197,13 @@ inline cudaError_t ensure_dynamic_smem(const void* kernel, int bytes, int device
   return err;
 }
 
+#if defined(VATT_EMULATE)
+// Successful launches so far (emulator builds only): every kernel goes through
+// launch_kernel, so tests/cuda_emulator/test_launch_count.cpp measures an entry
+// point's kernels by reading this before and after the call.
+inline std::atomic<int64_t> g_emulated_launches{0};
+#endif
+
 // Launches kernel<<<grid, block, smem, stream>>>(args...), optionally as
 // clusters of `cluster` blocks along x, and returns the launch error.
 template <typename... KernelArgs, typename... Args>
@@ -218,6 +225,9 @@ cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   }
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   if (err == cudaSuccess) err = cudaGetLastError();
+#if defined(VATT_EMULATE)
+  if (err == cudaSuccess) g_emulated_launches.fetch_add(1, std::memory_order_relaxed);
+#endif
   return err;
 }
 

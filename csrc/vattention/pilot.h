@@ -12,6 +12,7 @@
 #pragma once
 
 #include "attention_params.h"
+#include "heuristics.h"
 
 namespace vattention {
 
@@ -55,15 +56,47 @@ void pilot_dispersion_cpu(const PilotDispersionParams& p, int64_t head_begin, in
 
 }  // namespace vattention
 
+namespace vattention {
+
+// The split grid of pilot_stats on CUDA: heuristics.h's choose_split_grid, except
+// that lists of at most kPilotOneSplitRows entries get one split, whose blocks write
+// the final outputs themselves (one kernel, no workspace, no merge kernel):
+//
+//   grid = 1                                   if max_count <= kPilotOneSplitRows
+//   grid = choose_split_grid(max_count, sms)   otherwise (split-K + pilot_merge_kernel)
+//
+// Why 512 (4 x kMinSplitRows). The pilot's list holds pilot_max rows (128 by default,
+// which choose_split_grid already gives one split), and it is short whatever the context
+// length. A single block streams a 512-row list (256 KiB of K+V in bf16 at head_dim
+// 128) in about 5 us at the ~50 GB/s one SM sustains with three 16 KiB tiles in
+// flight; four splits of 128 rows take about 1.3 us but need the merge: a second
+// launch (2-4 us eager, ~1 us in a CUDA graph), the workspace round trip and its own
+// pass over the records. The two are about even at 512 rows and the one split wins
+// below, for every batch: with many lists (batch >= 4) the lists alone fill the SMs and
+// splitting only adds merge work. Longer lists (a fractional base_rate over a long
+// residual) keep split-K, where reading the rows dominates.
+constexpr int64_t kPilotOneSplitRows = 4 * kMinSplitRows;
+
+constexpr int64_t pilot_split_grid(int64_t max_count, int64_t workers) {
+  return max_count <= kPilotOneSplitRows ? 1 : choose_split_grid(max_count, workers);
+}
+
+static_assert(pilot_split_grid(128, 132) == 1 && pilot_split_grid(512, 132) == 1 &&
+                  pilot_split_grid(513, 132) == 4 && pilot_split_grid(6000, 132) == 46,
+              "pilot.h split grid");
+
+}  // namespace vattention
+
 #if defined(VATTENTION_WITH_CUDA)
 #include <cuda_runtime_api.h>
 namespace vattention {
-// One split per list: every block writes final outputs, no workspace.
+// One split per list: every block writes final outputs, no workspace (one kernel).
 cudaError_t pilot_stats_cuda(const PilotParams& p, cudaStream_t stream);
 // Split-K: each list is cut into num_splits chunks (split_range; with
 // p.split_target_blocks into as many as its count needs, heuristics.h); the chunks'
 // statistics go to `workspace` (pilot_stats_cuda_workspace_bytes, 0 when
-// num_splits == 1) and a second kernel merges them.
+// num_splits == 1) and a second kernel merges them. num_splits == 1 is the one-kernel
+// path above (the op passes pilot_split_grid).
 size_t pilot_stats_cuda_workspace_bytes(const PilotParams& p, int64_t num_splits);
 cudaError_t pilot_stats_cuda(const PilotParams& p, int64_t num_splits, void* workspace,
                              cudaStream_t stream);

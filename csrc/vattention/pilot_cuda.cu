@@ -70,12 +70,13 @@ __device__ void PilotFold::finish(const Params& p, const GatherArgs& args, const
                                   const float* records, int tid) {
   using C = GatherConfig<T, D>;
   using R = RecordLayout<PilotFold, D>;
+  constexpr int kSets = HeadSplit<PilotFold, T, D, HB>::kRowSets;
   constexpr int64_t kStride = int64_t(HB) * R::kFloats;
   for (int o = tid; o < w.heads * R::kFloats; o += C::kThreads) {
     const int g = o / R::kFloats, x = o - g * R::kFloats;
     const float* rec = records + g * R::kFloats;
-    const RecordScan scan = scan_records(rec, C::kGroups, kStride);
-    const float v = merged_entry<PilotFold, D>(rec, C::kGroups, kStride, scan, x);
+    const RecordScan scan = scan_records(rec, kSets, kStride);
+    const float v = merged_entry<PilotFold, D>(rec, kSets, kStride, scan, x);
     const int64_t t = w.b * p.qkv.q_heads + w.h0 + g;
     if (args.num_splits == 1) {
       write_output(p, t, x, v);

@@ -15,6 +15,16 @@
 //                       window_end, .., window_end + local - 1, -1 .. (local_max)
 //                       -1 x heavy_max]           (select_topk's heavy list goes there)
 //   det_counts[b, l] = sink_max + local_max + heavy_max.
+// A row with 0 < dense_below and n <= dense_below (the dense fallback, decided here on the
+// device) attends exactly to all its rows instead: sink = resolve(sink, n),
+// local = n - sink, window_end = sink, heavy = n_residual = pilot_wanted = 0, and its
+// det_idx holds 0, 1, .., n - 1 ascending, the heavy columns skipped:
+//   det_idx[b, l, :] = [0 .. F - 1 (-1 from n on),  -1 x heavy_max,  F .. n - 1, -1 ..]
+//   det_counts[b, l] = n <= F ? n : n + heavy_max              (F = sink_max + local_max)
+// The last part is dense_max = max(min(length, dense_below) - F, 0) extra columns at the
+// END of the list, so a row above the threshold keeps its columns, its count and so its
+// attention bit for bit (its kernel reads none of the extra columns). The heavy columns
+// stay where select_topk's list goes: that writes only -1 there for a dense row (heavy 0).
 // The fraction counts are the ceil of one binary64 multiplication, like the host's
 // resolve_size and torch's resolve_sizes (config._slackened): bit for bit the same counts,
 // which matters because the host count at the buffer's length sizes every buffer.
@@ -37,6 +47,8 @@ struct PlanListsParams {
   double sizes[kPlanSizes];     // a count (fraction false) or a slackened fraction
   bool fractions[kPlanSizes];
   int64_t sink_max, local_max, heavy_max;
+  int64_t dense_below;          // 0: off
+  int64_t dense_max;            // the dense rows' extra columns (see above)
   // Outputs. Per batch row [batch]:
   int64_t* lengths_out;
   int64_t* sink;
@@ -50,10 +62,21 @@ struct PlanListsParams {
   int32_t* pilot_wanted;
   int64_t* n_residual;
   int32_t* det_counts;
-  int32_t* det_idx;             // [batch * list_heads, sink_max + local_max + heavy_max]
+  int32_t* det_idx;             // [batch * list_heads, width()]
 
-  VATT_HD int64_t width() const { return sink_max + local_max + heavy_max; }
+  VATT_HD int64_t fixed_width() const { return sink_max + local_max; }
+  VATT_HD int64_t sparse_width() const { return sink_max + local_max + heavy_max; }
+  VATT_HD int64_t width() const { return sink_max + local_max + heavy_max + dense_max; }
 };
+
+// The extra columns the dense rows need past the fixed and heavy ones (a host int: the
+// bound at the buffer's length, every dense row being at most min(length, dense_below)).
+inline int64_t plan_dense_max(int64_t length, int64_t dense_below, int64_t sink_max,
+                              int64_t local_max) {
+  if (dense_below <= 0) return 0;
+  const int64_t most = length < dense_below ? length : dense_below;
+  return most > sink_max + local_max ? most - sink_max - local_max : 0;
+}
 
 namespace plan_detail {
 
@@ -83,6 +106,7 @@ VATT_HD int64_t resolve(double size, bool fraction, int64_t n) {
 struct PlanRow {
   int64_t length, sink, local, window_end, heavy, n_residual;
   int32_t pilot_wanted;
+  bool dense;
 };
 
 VATT_HD PlanRow plan_row(const PlanListsParams& p, int64_t b) {
@@ -90,10 +114,12 @@ VATT_HD PlanRow plan_row(const PlanListsParams& p, int64_t b) {
   PlanRow r;
   r.length = p.lengths64 ? p.lengths64[b] : (p.lengths32 ? int64_t(p.lengths32[b]) : p.length);
   const int64_t n = r.length;
+  r.dense = p.dense_below > 0 && n <= p.dense_below;
   r.sink = resolve(p.sizes[kPlanSink], p.fractions[kPlanSink], n);
-  const int64_t local = resolve(p.sizes[kPlanLocal], p.fractions[kPlanLocal], n);
+  const int64_t local = r.dense ? n : resolve(p.sizes[kPlanLocal], p.fractions[kPlanLocal], n);
   r.local = local < n - r.sink ? local : n - r.sink;
   r.window_end = n - r.local;
+  // (A dense row's window is empty: heavy, residual and pilot come out 0.)
   const int64_t heavy = resolve(p.sizes[kPlanHeavy], p.fractions[kPlanHeavy], n);
   const int64_t window = r.window_end - r.sink;
   r.heavy = heavy < window ? heavy : window;
@@ -109,6 +135,13 @@ VATT_HD PlanRow plan_row(const PlanListsParams& p, int64_t b) {
 
 // Entry `col` of a list's det_idx row.
 VATT_HD int32_t det_entry(const PlanListsParams& p, const PlanRow& r, int64_t col) {
+  if (r.dense) {
+    const int64_t fixed = p.fixed_width();
+    if (col >= fixed && col < p.sparse_width()) return -1;
+    const int64_t row = col < fixed ? col : col - p.heavy_max;
+    return row < r.length ? int32_t(row) : -1;
+  }
+  if (col >= p.sparse_width()) return -1;
   if (col < p.sink_max) return col < r.sink ? int32_t(col) : -1;
   const int64_t j = col - p.sink_max;
   if (j < p.local_max) return j < r.local ? int32_t(r.window_end + j) : -1;
@@ -131,7 +164,9 @@ VATT_HD void write_plan_list(const PlanListsParams& p, int64_t list, const PlanR
   p.heavy_rows[list] = int32_t(r.heavy);
   p.pilot_wanted[list] = r.pilot_wanted;
   p.n_residual[list] = r.n_residual;
-  p.det_counts[list] = int32_t(p.width());
+  int64_t count = p.sparse_width();
+  if (r.dense) count = r.length <= p.fixed_width() ? r.length : r.length + p.heavy_max;
+  p.det_counts[list] = int32_t(count);
 }
 
 // Batch rows [row_begin, row_end).

@@ -32,10 +32,12 @@
 //   share_gqa on:  into a workspace of per-head logits [B, Hq, N], and each block
 //                  keeps per head a running (max, sum exp) of its split, written
 //                  to a partials array [B * Hq, splits, 2].
-// Kernel 2, select_lse_kernel (share_gqa): one warp per (batch, query head)
-// merges the split partials into lse, 0 where it is not finite.
-// Kernel 3, select_combine_kernel (share_gqa): scores[b, kv, i] =
-// max over the group of (logit - lse), NaN propagating, -inf beyond the length.
+// Kernel 2, select_combine_kernel (share_gqa): each block merges its group's split
+// partials into the heads' lse (one warp per head, 0 where not finite), then
+// scores[b, kv, i] = max over the group of (logit - lse), NaN propagating, -inf
+// beyond the length. The partials are few (group * N / tile pairs), so every block
+// re-reading them is cheaper than a launch of their own (a separate lse kernel
+// before, the same arithmetic: the scores are bit-identical).
 // NaN: fmaxf drops a NaN operand, so the maxima above never carry one; a NaN
 // logit reaches lse through its exp-sum instead (exp(NaN - m) = NaN, made 0 by
 // the finiteness test, as in the CPU and torch references) and reaches the score
@@ -478,38 +480,44 @@ select_logits_kernel(const SelectScoresParams p, float* logits, float* partials,
   }
 }
 
-// lse[row] = logsumexp of the row's logits from its split partials, 0 where not finite.
-__global__ void __launch_bounds__(128)
-select_lse_kernel(const float* partials, float* lse, const int64_t rows, const int64_t splits) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t row = int64_t(blockIdx.x) * 4 + warp; row < rows; row += int64_t(gridDim.x) * 4) {
-    const float* part = partials + row * splits * 2;
-    float m = kNegInf;
-    for (int64_t s = lane; s < splits; s += 32) m = fmaxf(m, part[2 * s]);
-    m = warp_max(m);
-    float sum = 0.f;
-    for (int64_t s = lane; s < splits; s += 32) {
-      const float ms = part[2 * s], ss = part[2 * s + 1];
-      sum += ms == m ? ss : ss * __expf(ms - m);
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      const float value = m + __logf(sum);
-      lse[row] = is_finite(value) ? value : 0.f;
-    }
+// logsumexp of one head's logits from its split partials (one warp; every lane gets
+// it), 0 where it is not finite.
+__device__ __forceinline__ float split_lse(const float* part, const int64_t splits, const int lane) {
+  float m = kNegInf;
+  for (int64_t s = lane; s < splits; s += 32) m = fmaxf(m, part[2 * s]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int64_t s = lane; s < splits; s += 32) {
+    const float ms = part[2 * s], ss = part[2 * s + 1];
+    sum += ms == m ? ss : ss * __expf(ms - m);
   }
+  sum = warp_sum(sum);
+  const float value = m + __logf(sum);
+  return is_finite(value) ? value : 0.f;
 }
 
-// scores[b, kv, i] = max over the group of (logit - lse), NaN propagating; -inf beyond length.
+// scores[b, kv, i] = max over the group of (logit - lse), NaN propagating; -inf beyond
+// length. Each block first merges its group's split partials into the heads' lse in
+// shared memory (dynamic, group floats): group * splits (max, sum) pairs, a few KiB,
+// re-read by every block of the list instead of a launch of their own.
 __global__ void __launch_bounds__(256)
-select_combine_kernel(const SelectScoresParams p, const float* logits, const float* lse) {
+select_combine_kernel(const SelectScoresParams p, const float* logits, const float* partials,
+                      const int64_t splits) {
   const QKVParams& qkv = p.qkv;
   const int64_t lists = qkv.batch * qkv.kv_heads, n = qkv.length, group = qkv.group_size();
+  float* lse = reinterpret_cast<float*>(dynamic_smem());  // [group]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t list = blockIdx.y; list < lists; list += gridDim.y) {
     const int64_t b = list / qkv.kv_heads;
     const int64_t kv = list - b * qkv.kv_heads;
     const int64_t len = p.length_of(b);
     const int64_t h0 = b * qkv.q_heads + kv * group;
+    __syncthreads();  // the previous list's lse is read by every thread
+    for (int64_t g = warp; g < group; g += blockDim.x / 32) {
+      const float value = split_lse(partials + (h0 + g) * splits * 2, splits, lane);
+      if (lane == 0) lse[g] = value;
+    }
+    __syncthreads();
     const float* src = logits + h0 * n;
     float* out = p.scores + list * n;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -518,7 +526,7 @@ select_combine_kernel(const SelectScoresParams p, const float* logits, const flo
       if (i < len) {
         bool nan = false;
         for (int64_t g = 0; g < group; ++g) {
-          const float x = __ldg(src + g * n + i) - __ldg(lse + h0 + g);
+          const float x = __ldg(src + g * n + i) - lse[g];
           nan = nan || is_nan(x);
           value = fmaxf(value, x);
         }
@@ -600,9 +608,9 @@ cudaError_t launch_logits(const SelectScoresParams& p, const Plan& plan, float* 
                        partials, plan.splits, plan.rows_per_split, rows_aligned(p));
 }
 
-// Workspace of share_gqa: logits [B * Hq * N], partials [B * Hq * splits * 2], lse [B * Hq].
+// Workspace of share_gqa: logits [B * Hq * N], partials [B * Hq * splits * 2].
 struct Workspace {
-  int64_t logits, partials, lse;  // float offsets
+  int64_t logits, partials;  // float offsets
   int64_t floats;
 };
 
@@ -611,8 +619,7 @@ Workspace workspace_layout(const SelectScoresParams& p, const Plan& plan) {
   Workspace w{};
   w.logits = 0;
   w.partials = heads * p.qkv.length;
-  w.lse = w.partials + heads * plan.splits * 2;
-  w.floats = w.lse + heads;
+  w.floats = w.partials + heads * plan.splits * 2;
   return w;
 }
 
@@ -637,7 +644,10 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
   cudaError_t err = current_device_info(&info);
   if (err != cudaSuccess) return err;
   const Plan plan = make_plan(p, info.num_sms);
-  if (plan.chunks > 65535 || qkv.batch * qkv.kv_heads * plan.splits > 0x7fffffff) {
+  // The combine kernel keeps the group's lse in (unopted-in) shared memory.
+  const int64_t lse_bytes = qkv.group_size() * int64_t(sizeof(float));
+  if (plan.chunks > 65535 || qkv.batch * qkv.kv_heads * plan.splits > 0x7fffffff ||
+      (p.share_gqa && lse_bytes > 48 * 1024)) {
     return cudaErrorInvalidValue;
   }
   float* ws = static_cast<float*>(workspace);
@@ -664,20 +674,15 @@ cudaError_t select_scores_cuda(const SelectScoresParams& p, void* workspace, cud
   });
   if (err != cudaSuccess || !p.share_gqa) return err;
 
-  const int64_t heads = qkv.batch * qkv.q_heads;
-  const int64_t lse_blocks = std::min<int64_t>(ceil_div(heads, 4), 65535);
-  err = launch_kernel(select_lse_kernel, dim3(unsigned(lse_blocks)), dim3(128), 0, stream, 1,
-                      static_cast<const float*>(partials), ws + layout.lse, heads, plan.splits);
-  if (err != cudaSuccess) return err;
-
   const int64_t lists = qkv.batch * qkv.kv_heads;
   const int64_t grid_y = std::min<int64_t>(lists, 65535);
   const int64_t grid_x = std::clamp<int64_t>(
       std::min<int64_t>(ceil_div(qkv.length, 256), ceil_div(16 * int64_t(info.num_sms), grid_y)),
       1, 65535);
   return launch_kernel(select_combine_kernel, dim3(unsigned(grid_x), unsigned(grid_y)), dim3(256),
-                       0, stream, 1, p, static_cast<const float*>(ws + layout.logits),
-                       static_cast<const float*>(ws + layout.lse));
+                       size_t(lse_bytes), stream, 1, p,
+                       static_cast<const float*>(ws + layout.logits),
+                       static_cast<const float*>(partials), plan.splits);
 }
 
 }  // namespace vattention

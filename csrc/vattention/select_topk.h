@@ -21,11 +21,15 @@ struct SelectTopkParams {
   const int32_t* starts;    // [rows]
   const int32_t* ends;      // [rows]
   const int32_t* ks;        // [rows]
-  int32_t* indices;         // [rows, k_max], contiguous
+  int32_t* indices;         // [rows, k_max], row r at indices + r * index_row_stride
+  int64_t index_row_stride; // elements, >= k_max (k_max for a contiguous output); the
+                            // deterministic list's heavy columns in decode's fixed path
   int64_t rows;
   int64_t length;
   int64_t k_max;
   DType dtype;
+
+  VATT_HD int32_t* row_indices(int64_t r) const { return indices + r * index_row_stride; }
 };
 
 // Row r's window, clipped to [0, length), and how many positions it selects.

@@ -13,7 +13,7 @@ void select_topk_rows(const SelectTopkParams& p, int64_t row_begin, int64_t row_
   std::vector<std::pair<uint32_t, int32_t>> candidates;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
-    int32_t* out = p.indices + r * p.k_max;
+    int32_t* out = p.row_indices(r);
     const SelectTopkRow window = select_topk_row(p, r);
     const int64_t k = window.k;
 

@@ -262,7 +262,7 @@ select_topk_kernel(const SelectTopkParams p, const int cluster_size) {
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     const T* row = static_cast<const T*>(p.scores) + r * p.score_row_stride;
-    int32_t* out = p.indices + r * p.k_max;
+    int32_t* out = p.row_indices(r);
     const SelectTopkRow window = select_topk_row(p, r);
     const int64_t start = window.start, end = window.end, avail = window.available;
     const int64_t k = window.k;
@@ -490,7 +490,7 @@ select_topk_warp_kernel(const SelectTopkParams p, const int cluster_size) {
   const int64_t cluster_threads = int64_t(cl.size) * kSelectTopkWarpThreads;
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
-    int32_t* out = p.indices + r * p.k_max;
+    int32_t* out = p.row_indices(r);
     const SelectTopkRow window = select_topk_row(p, r);
     const int64_t start = window.start, end = window.end, avail = window.available;
     const int64_t k = window.k;  // <= 32 * R

@@ -21,7 +21,9 @@ using namespace cuda_detail;
 
 struct AttentionFold {
   using Params = SparseAttentionParams;
-  // 8 heads x (q + acc) x kEpt <= 128 registers of state at kEpt 8: no spills.
+  // 8 heads x (q + acc) x kEpt = 128 registers of state at kEpt 8, served by pairs of
+  // row groups of 4 heads each (HeadSplit): at most 128 registers (ptxas, sm_90), no
+  // spills, 3 blocks per SM.
   static constexpr int kMaxHeadsPerBlock = 8;
   static constexpr int kScalars = 1;  // sum w
   static constexpr int kVectors = 1;  // sum w V
@@ -41,17 +43,18 @@ struct AttentionFold {
                                 const float* records, int tid) {
     using C = GatherConfig<T, D>;
     using R = RecordLayout<AttentionFold, D>;
-    constexpr int64_t kStride = int64_t(HB) * R::kFloats;  // one head's records, group to group
+    constexpr int kSets = HeadSplit<AttentionFold, T, D, HB>::kRowSets;
+    constexpr int64_t kStride = int64_t(HB) * R::kFloats;  // one head's records, set to set
     for (int o = tid; o < w.heads * D; o += C::kThreads) {
       const int g = o / D, d = o - g * D;
       const float* rec = records + g * R::kFloats;
-      const RecordScan scan = scan_records(rec, C::kGroups, kStride);
+      const RecordScan scan = scan_records(rec, kSets, kStride);
       float out = 0.f, lse = kNegInf;
       if (scan.nan) {
         out = lse = quiet_nan();
       } else if (scan.any) {
         float sums[2];  // sum w, sum w V[d]
-        merge_records<2>(rec, C::kGroups, kStride, scan.max_logit, {R::kScalar0, R::kVector0 + d},
+        merge_records<2>(rec, kSets, kStride, scan.max_logit, {R::kScalar0, R::kVector0 + d},
                          {1, 1}, sums);
         out = sums[1] / sums[0];
         lse = scan.max_logit + __logf(sums[0]);

@@ -90,6 +90,13 @@ class VAttentionConfig:
     num_splits: split-K factor of the attention kernel; 0 picks one from the device.
     min_samples: the fewest residual tokens ever sampled: the normal approximation behind
         every budget rule needs a few dozen draws, whatever the pilot suggests.
+    dense_below: the dense fallback, in tokens (0, the default: off). A batch row of at
+        most dense_below valid tokens attends exactly to all of them (its stats: exact,
+        density 1, error bound 0), decided per row on the device from seq_lens, with no
+        host sync; longer rows are sparse as without it. Where the cache's length N is at
+        most dense_below every row is dense, and the step is one exact attention over the
+        valid rows (no selection, pilot or sample). For short contexts where sparse
+        attention cannot beat dense (its fixed costs: selection, a few launches).
     """
 
     sink: Size = 128
@@ -108,6 +115,7 @@ class VAttentionConfig:
     min_samples: int = 32
     reuse_pilot: bool = True
     tail: str = "normal"
+    dense_below: int = 0
 
     def __post_init__(self):
         for name in ("sink", "local", "heavy"):
@@ -148,6 +156,10 @@ class VAttentionConfig:
         if not isinstance(self.reuse_pilot, bool):
             raise ValueError(f"VAttentionConfig.reuse_pilot must be a bool, "
                              f"got {self.reuse_pilot!r}")
+        if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) \
+                or self.dense_below < 0:
+            raise ValueError(f"VAttentionConfig.dense_below must be an int >= 0 (tokens; "
+                             f"0: off), got {self.dense_below!r}")
 
     def _check_heavy_candidates(self) -> None:
         name = "VAttentionConfig.heavy_candidates"

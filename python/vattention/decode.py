@@ -165,19 +165,33 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     # heavy rows, so its heavy count (and residual) is per list.
     union = cfg.share_gqa and cfg.gqa_heavy == "union" and q_heads > kv_heads
     heavy_width = heavy_max * (q_heads // kv_heads) if union else heavy_max
+    # The adaptive path's deterministic list holds its smallest candidate, T_0.
+    heavy_size = cfg.heavy_sizes[0] if cfg.heavy_sizes else cfg.heavy
+    if cfg.heavy_sizes:
+        heavy_width = resolve_size(heavy_size, length)
+    # The dense fallback: a row of n <= dense_below attends exactly to its n rows (plan_lists
+    # decides it on the device). Where N itself is at most dense_below every row does, and
+    # no list has a heavy column.
+    all_dense = length <= cfg.dense_below
+    if all_dense:
+        heavy_width = 0
 
     # One op (plan.h): every row's sizes (resolve_sizes and the clamps), the samplers' rows,
     # each list's residual and pilot size, and the deterministic list with its fixed part
-    # (sink, local) filled and its heavy columns -1 (select_topk's list is copied in).
+    # (sink, local, or a dense row's [0, n)) filled and its heavy columns -1 (select_topk
+    # writes them: det_idx[:, :, F:F + heavy_width], F = sink_max + local_max; the dense
+    # rows' extra columns follow them).
     (lengths, sink, local, window_end, heavy, starts_rows, ends_rows, heavy_rows,
      pilot_wanted, n_residual, det_idx, det_counts) = ops.plan_lists(
-        q, lengths, length, list_heads, (cfg.sink, cfg.local, cfg.heavy, cfg.base_rate),
-        sink_max, local_max, heavy_width)
+        q, lengths, length, list_heads, (cfg.sink, cfg.local, heavy_size, cfg.base_rate),
+        sink_max, local_max, heavy_width, cfg.dense_below)
     window_start = sink
+    if all_dense:
+        return _decode_dense(q, k, v, cfg, scale, stage, return_stats, lengths, det_idx,
+                             det_counts, list_heads, block_table)
     if cfg.heavy_sizes:
         return _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage,
-                                return_stats,
-                                (sink, local, det_idx[:, :, :sink_max + local_max]), pilot_max,
+                                return_stats, (sink, local, det_idx, det_counts), pilot_max,
                                 list_heads, starts_rows, ends_rows, block_table)
 
     if heavy_max > 0 and union:
@@ -195,8 +209,12 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
             scores = select_scores(q, k, lengths, scale, cfg.share_gqa, cfg.selector,
                                    key_summary, block_table=block_table)
         with stage("select_topk"):
-            heavy_idx = ops.select_topk(scores.reshape(batch * list_heads, length), starts_rows,
-                                        ends_rows, heavy_rows, heavy_max)
+            # Written straight into the deterministic list's heavy columns (no copy); the
+            # samplers read it there, a row stride of the list's width apart.
+            heavy_idx = det_idx.view(batch * list_heads, -1)[
+                :, sink_max + local_max:sink_max + local_max + heavy_width]
+            ops.select_topk_into(scores.reshape(batch * list_heads, length), starts_rows,
+                                 ends_rows, heavy_rows, heavy_idx)
     else:
         # No row has a heavy hitter (heavy_max bounds every row's count): scoring would read
         # all of K to choose nothing.
@@ -207,9 +225,9 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
         pilot_wanted = torch.where(n_residual > 0,
                                    resolve_sizes(cfg.base_rate, n_residual).clamp(min=2),
                                    torch.zeros_like(n_residual)).to(torch.int32)
-    if heavy_width > 0:
-        det_idx[:, :, sink_max + local_max:].copy_(heavy_idx.view(batch, list_heads,
-                                                                  heavy_width))
+    if union and heavy_width > 0:
+        det_idx[:, :, sink_max + local_max:sink_max + local_max + heavy_width].copy_(
+            heavy_idx.view(batch, list_heads, heavy_width))
 
     # Exact attention over the deterministic set.
     with stage("attend"):
@@ -296,6 +314,40 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: Optional[VAttentionConfig] = No
     return out, stats
 
 
+def _decode_dense(q, k, v, cfg, scale, stage, return_stats, lengths, det_idx, det_counts,
+                  list_heads, block_table):
+    """decode where every row is dense (N <= cfg.dense_below): one exact attention over
+    plan_lists' lists, each row's [0, n), and the cast; no selection, pilot or sample.
+    The stats are those the full path gives a dense row (exact, budget 0, density 1)."""
+    batch, q_heads, _ = q.shape
+    with stage("attend"):
+        det_out, _ = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
+                                          cfg.num_splits, block_table=block_table)
+    with stage("combine"):
+        out = det_out.to(q.dtype)
+    if not return_stats:
+        return out
+    device, rows = q.device, batch * list_heads
+    heads = (batch, q_heads)
+    nothing = (torch.empty((rows, 0), dtype=torch.int32, device=device),
+               torch.zeros(rows, dtype=torch.int32, device=device))
+    n = lengths[:, None].expand(heads)
+    return out, {
+        "relative_bytes": _relative_bytes(cfg, k, lengths, 0, det_idx, det_counts, nothing,
+                                          nothing, list_heads, q_heads),
+        "budget": torch.zeros(heads, dtype=torch.int32, device=device),
+        "required": torch.zeros(heads, dtype=torch.float64, device=device),
+        "pilot": torch.zeros(heads, dtype=torch.int32, device=device),
+        "density": (n > 0).to(torch.float32),
+        "exact": torch.ones(heads, dtype=torch.bool, device=device),
+        "n_residual": torch.zeros(heads, dtype=torch.int64, device=device),
+        "deterministic": n.clone(),
+        "error_bound": torch.zeros(heads, dtype=torch.float64, device=device),
+        "heavy_indices": torch.empty((batch, list_heads, 0), dtype=torch.int32,
+                                     device=device),
+    }
+
+
 def _within_count(indices: Tensor, counts: Tensor) -> Tensor:
     """indices [rows, W] with the entries at or beyond each row's count set to -1."""
     slots = torch.arange(indices.shape[1], device=indices.device)
@@ -316,7 +368,9 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     device = q.device
     group = q_heads // list_heads
     rows = batch * list_heads
-    sink, local, fixed_idx = fixed        # fixed_idx: plan_lists' sink / local part [B, Hl, F]
+    # plan_lists' deterministic list: the fixed part, bounds[0] heavy columns (T_0 goes
+    # there), the dense rows' extra columns; det_counts what each list's kernel reads.
+    sink, local, det_idx, det_counts = fixed
     window_start, window_end = sink, lengths - local
     window = window_end - window_start
     counts, bounds = heavy_size.candidate_sizes(cfg.heavy_sizes, lengths, window, length)
@@ -338,10 +392,10 @@ def _decode_adaptive(q, k, v, cfg, lengths, rng, scale, key_summary, stage, retu
     heavy_c = torch.stack(counts)[:, :, None].expand(-1, -1, list_heads)    # [C, B, Hl]
     n_residual_c = window[None, :, None] - heavy_c                         # [C, B, Hl]
 
-    det_idx = torch.cat([fixed_idx, candidates[0].view(batch, list_heads, bounds[0])],
-                        dim=2).contiguous()
-    det_counts = torch.full((batch, list_heads), det_idx.shape[2], dtype=torch.int32,
-                            device=device)
+    fixed_width = resolve_size(cfg.sink, length) + resolve_size(cfg.local, length)
+    if bounds[0] > 0:
+        det_idx[:, :, fixed_width:fixed_width + bounds[0]].copy_(
+            candidates[0].view(batch, list_heads, bounds[0]))
     with stage("attend"):
         det_out, det_lse = ops.sparse_attention(q, k, v, det_idx, None, det_counts, scale,
                                                 cfg.num_splits, block_table=block_table)
@@ -481,7 +535,9 @@ def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows,
             heavy_idx, starts_rows, ends_rows, final_wanted.to(torch.int32), rng,
             sample_max, ops.FINAL_DRAWS)
     with stage("attend"):
-        sample_out, sample_lse = ops.sparse_attention(
+        # The split partials, unmerged: merge_estimate merges them with the rest (one
+        # kernel fewer than sparse_attention's gather + combine).
+        sample_out, sample_lse = ops.sparse_attention_partials(
             q, k, v, sample_idx.view(batch, list_heads, sample_max),
             sample_log_weights.view(batch, list_heads, sample_max),
             sample_counts.view(batch, list_heads), scale, cfg.num_splits,
@@ -489,8 +545,9 @@ def _sample_and_combine(q, k, v, cfg, scale, stage, rng, heavy_idx, starts_rows,
     with stage("combine"):
         # One op (combine.h): the exact partials, then with reuse_pilot the reused pilot's
         # partial from its statistics (so no kernel loads a pilot row twice; every draw,
-        # pilot or final, weighs n_r / (p + d)) and the sample's reweighted to its share of
-        # the p + d draws; merged by online_softmax.h's rule and cast to q's dtype.
+        # pilot or final, weighs n_r / (p + d)) and the sample's split partials, merged and
+        # reweighted to their share of the p + d draws; merged by online_softmax.h's rule
+        # and cast to q's dtype.
         max_logit, moments, vector_moments = pilot_stats
         out, _ = ops.merge_estimate(partials[0][0], partials[0][1],
                                     partials[1] if len(partials) > 1 else None,

@@ -36,12 +36,21 @@ def select_topk(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, k_max:
     return torch.ops.vattention.select_topk(scores, starts, ends, ks, k_max)
 
 
+def select_topk_into(scores: Tensor, starts: Tensor, ends: Tensor, ks: Tensor, out: Tensor) -> None:
+    """select_topk(scores, starts, ends, ks, out.shape[1]) written into out: int32 [rows, k_max]
+    with any row stride >= k_max and a contiguous last dim (e.g. a column slice of a wider
+    index list, which then needs no copy)."""
+    torch.ops.vattention.select_topk_into(scores, starts, ends, ks, out)
+
+
 def sample_residual(heavy: Tensor, starts: Tensor, ends: Tensor, num_samples: Tensor,
                     rng: Tensor, max_out: int, draw_set: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Uniform draws from each row's residual: (indices, log_weights, counts).
 
     draw_set is PILOT_DRAWS or FINAL_DRAWS: which of the step's two independent Philox
-    draw sets to use."""
+    draw sets to use. heavy may have any row stride (its last dim contiguous). Only the
+    first counts[r] entries of row r of indices / log_weights are written: the entries
+    past the count are unspecified (sample.h)."""
     return torch.ops.vattention.sample_residual(heavy, starts, ends, num_samples, rng, max_out,
                                                 draw_set)
 
@@ -71,6 +80,46 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
                                                  num_splits, block_table)
 
 
+def sparse_attention_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
+                              log_weights: Optional[Tensor], counts: Tensor, scale: float,
+                              num_splits: int = 0, *,
+                              block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """sparse_attention's split partials before their combine: (partial_out fp32
+    [B, Hq, S, D], partial_lse fp32 [B, Hq, S]), S = attention_splits(...). A partial of lse
+    -inf is empty and its out unspecified (never read); combine(partial_out.movedim(2, 0),
+    partial_lse.movedim(2, 0)) is sparse_attention's result, and merge_estimate takes them
+    as its sample."""
+    return torch.ops.vattention.sparse_attention_partials(q, k, v, indices, log_weights, counts,
+                                                          scale, num_splits, block_table)
+
+
+# heuristics.h's split rule (choose_num_splits, choose_split_grid), for the fake kernel of
+# sparse_attention_partials: S is known from the shapes and the device.
+_MIN_SPLIT_ROWS, _BLOCKS_PER_WORKER, _MAX_SPLITS = 128, 2, 64
+
+
+def _choose_num_splits(work_rows: int, max_count: int, workers: int) -> int:
+    if max_count <= _MIN_SPLIT_ROWS:
+        return 1
+    rows = max(work_rows, 1)
+    to_fill = (_BLOCKS_PER_WORKER * workers + rows - 1) // rows
+    return max(1, min(to_fill, max_count // _MIN_SPLIT_ROWS, _MAX_SPLITS))
+
+
+def attention_splits(device: torch.device, heads: int, max_count: int, num_splits: int) -> int:
+    """The split count S of sparse_attention(_partials) for B * Hq = heads query heads over
+    lists of max_count entries: num_splits when > 0; automatic (0): on the CPU
+    choose_num_splits(heads, max_count, intra-op threads), on CUDA the balanced grid
+    choose_split_grid(max_count, SMs) (heuristics.h)."""
+    if num_splits > 0:
+        return int(num_splits)
+    device = torch.device(device)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return _choose_num_splits(1, max_count, sms)
+    return _choose_num_splits(heads, max_count, torch.get_num_threads())
+
+
 def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
     """Merges partials [S, ..., D] / [S, ...] into (out [..., D], lse [...])."""
     return torch.ops.vattention.combine(partial_out, partial_lse)
@@ -94,6 +143,14 @@ def _select_topk_fake(scores, starts, ends, ks, k_max):
     _check_rank(scores, 2, "scores", "[rows, length]")
     torch._check(k_max >= 0, lambda: f"vattention: k_max must be >= 0, got {k_max}")
     return scores.new_empty((scores.shape[0], k_max), dtype=torch.int32)
+
+
+@torch.library.register_fake("vattention::select_topk_into")
+def _select_topk_into_fake(scores, starts, ends, ks, out):
+    _check_rank(scores, 2, "scores", "[rows, length]")
+    _check_rank(out, 2, "out", "[rows, k_max]")
+    torch._check(out.shape[0] == scores.shape[0],
+                 lambda: f"vattention: out must have {scores.shape[0]} rows, got {out.shape[0]}")
 
 
 @torch.library.register_fake("vattention::sample_residual")
@@ -135,6 +192,19 @@ def _sparse_attention_fake(q, k, v, indices, log_weights, counts, scale, num_spl
     b, h, d = q.shape
     return (q.new_empty((b, h, d), dtype=torch.float32),
             q.new_empty((b, h), dtype=torch.float32))
+
+
+@torch.library.register_fake("vattention::sparse_attention_partials")
+def _sparse_attention_partials_fake(q, k, v, indices, log_weights, counts, scale, num_splits,
+                                    block_table=None):
+    check_qkv(q, k, v, block_table=block_table)
+    _check_rank(indices, 3, "indices", "[batch, list_heads, max_count]")
+    torch._check(num_splits >= 0, lambda: "vattention: num_splits must be >= 0 (0 = automatic), "
+                 f"got {num_splits}")
+    b, h, d = q.shape
+    splits = attention_splits(q.device, b * h, indices.shape[2], num_splits)
+    return (q.new_empty((b, h, splits, d), dtype=torch.float32),
+            q.new_empty((b, h, splits), dtype=torch.float32))
 
 
 @torch.library.register_fake("vattention::combine")
@@ -265,16 +335,30 @@ PLAN_OUTPUTS = ("lengths", "sink", "local", "window_end", "heavy", "starts_rows"
                 "heavy_rows", "pilot_wanted", "n_residual", "det_idx", "det_counts")
 
 
+def plan_dense_max(length: int, dense_below: int, sink_max: int, local_max: int) -> int:
+    """The extra det_idx columns plan_lists gives the dense rows (plan.h): room for
+    min(length, dense_below) rows beside the sink_max + local_max fixed columns."""
+    if dense_below <= 0:
+        return 0
+    return max(min(length, dense_below) - sink_max - local_max, 0)
+
+
 def plan_lists(q: Tensor, lengths: Optional[Tensor], length: int, list_heads: int, sizes,
-               sink_max: int, local_max: int, heavy_max: int) -> Tuple[Tensor, ...]:
+               sink_max: int, local_max: int, heavy_max: int,
+               dense_below: int = 0) -> Tuple[Tensor, ...]:
     """The twelve tensors of PLAN_OUTPUTS (plan.h) from the valid lengths (int64 / int32 [B]
     on q's device; None: `length` for every row): sink, local, window_end and heavy per
     row as config.resolve_sizes and decode's clamps give them; the samplers' per-list rows
     (int32 [B * list_heads]); n_residual (int64) and pilot_wanted (int32) per list;
-    det_idx int32 [B, list_heads, sink_max + local_max + heavy_max], the sink and local
-    positions -1 padded and the heavy columns -1; det_counts its full width.
+    det_idx int32 [B, list_heads, sink_max + local_max + heavy_max + plan_dense_max(...)],
+    the sink and local positions -1 padded and the heavy columns -1; det_counts the
+    entries each list's kernel reads (sink_max + local_max + heavy_max).
     sizes: (sink, local, heavy, base_rate) as VAttentionConfig holds them (an int count or
-    a float fraction, slackened here as config.resolve_size does)."""
+    a float fraction, slackened here as config.resolve_size does).
+    dense_below > 0: a row of n <= dense_below valid tokens attends exactly to all of
+    them (sink as usual, local = n - sink, heavy and residual 0); its det_idx holds
+    0 .. n - 1 in the fixed columns and then in the extra ones past the heavy columns
+    (which select_topk fills with -1 for it), its count just covering them."""
     sizes = tuple(sizes)
     if len(sizes) != 4:
         raise ValueError(f"sizes must be (sink, local, heavy, base_rate), got {sizes!r}")
@@ -282,20 +366,23 @@ def plan_lists(q: Tensor, lengths: Optional[Tensor], length: int, list_heads: in
     values = [_slackened(s) if f else float(s) for s, f in zip(sizes, fractions)]
     return torch.ops.vattention.plan_lists(q, lengths, int(length), int(list_heads), values,
                                            fractions, int(sink_max), int(local_max),
-                                           int(heavy_max))
+                                           int(heavy_max), int(dense_below))
 
 
 @torch.library.register_fake("vattention::plan_lists")
 def _plan_lists_fake(q, lengths, length, list_heads, sizes, fractions, sink_max, local_max,
-                     heavy_max):
+                     heavy_max, dense_below=0):
     _check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
     if lengths is not None:
         _check_rank(lengths, 1, "lengths", "[batch]")
     torch._check(list_heads >= 1, lambda: f"vattention: list_heads must be >= 1, got {list_heads}")
     torch._check(len(sizes) == 4 and len(fractions) == 4,
                  lambda: "vattention: sizes and fractions must hold 4 entries")
+    torch._check(dense_below >= 0,
+                 lambda: f"vattention: dense_below must be >= 0 (0: off), got {dense_below}")
     batch, lists = q.shape[0], q.shape[0] * list_heads
-    width = sink_max + local_max + heavy_max
+    width = (sink_max + local_max + heavy_max
+             + plan_dense_max(length, dense_below, sink_max, local_max))
     i64 = [q.new_empty((batch,), dtype=torch.int64) for _ in range(5)]
     i32 = [q.new_empty((lists,), dtype=torch.int32) for _ in range(4)]
     return (*i64, *i32, q.new_empty((lists,), dtype=torch.int64),
@@ -316,7 +403,9 @@ def merge_estimate(det_out: Tensor, det_lse: Tensor, extra: Optional[Tuple[Tenso
     optional extra exact partial (out, lse), with reuse (reused int32 [B * lists]) the
     reused pilot's partial from its statistics (pilot_stats' outputs, float32 or float64)
     and the sample's partial (sample_counts int32 [B * lists]) reweighted to
-    reused + count draws, merged by online_softmax.h's rule (combine.h)."""
+    reused + count draws, merged by online_softmax.h's rule (combine.h). The sample is
+    either merged (sample_out [B, Hq, D], sample_lse [B, Hq]) or sparse_attention_partials'
+    split partials ([B, Hq, S, D], [B, Hq, S]), merged here first as combine would."""
     extra_out, extra_lse = (None, None) if extra is None else extra
     return torch.ops.vattention.merge_estimate(det_out, det_lse, extra_out, extra_lse,
                                                sample_out, sample_lse, sample_counts, reused,
@@ -332,6 +421,9 @@ def _merge_estimate_fake(det_out, det_lse, extra_out, extra_lse, sample_out, sam
     _check_rank(sample_counts, 1, "sample_counts", "[batch * list_heads]")
     torch._check((extra_out is None) == (extra_lse is None),
                  lambda: "vattention: extra_out and extra_lse go together")
+    torch._check(sample_out.dim() in (3, 4),
+                 lambda: "vattention: sample_out must be [batch, q_heads, head_dim] or "
+                 f"[batch, q_heads, splits, head_dim], got shape {tuple(sample_out.shape)}")
     torch._check(out_dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"vattention: out_dtype must be float32, float16 or bfloat16, "
                  f"got {out_dtype}")

@@ -266,6 +266,10 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cfg: VAttentionConfig, seq_lens=None
         n = lengths[b]
         sink = resolve_size(cfg.sink, n)
         local = min(resolve_size(cfg.local, n), n - sink)
+        if 0 < cfg.dense_below and n <= cfg.dense_below:
+            # The dense fallback: the local part covers the window, nothing is selected or
+            # sampled, and the row's output is exact attention over its n rows.
+            local = n - sink
         start, end = sink, n - local
         heavy_k = min(resolve_size(cfg.heavy, n), end - start)
         row_traces = []

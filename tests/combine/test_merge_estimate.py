@@ -2,7 +2,9 @@
 block that it replaces (copied below as the reference): reuse on / off, lists with
 reused == 0, exact lists (enumerated residual, weight 1), the extra exact partial present /
 absent, float32 and float64 pilot statistics, NaN in a partial, all-empty partials, GQA
-groups 1 / 4, out dtypes float32 / float16 / bfloat16; the argument checks and opcheck."""
+groups 1 / 4, out dtypes float32 / float16 / bfloat16; the sample given as split partials
+(sparse_attention_partials' [B, Hq, S, D] / [B, Hq, S]) against the same merge of their
+combine; the argument checks and opcheck."""
 from __future__ import annotations
 
 import math
@@ -173,6 +175,71 @@ def test_merge_estimate_nan_and_empty(device):
     assert lse[0, 3] == -math.inf and (out[0, 3] == 0).all()
 
 
+def split_sample(x, splits, seed, device):
+    """x with its sample replaced by `splits` split partials: out [B, Hq, S, D] and lse
+    [B, Hq, S], a share of empty splits (lse -inf) whose out is NaN (never read)."""
+    g = gen(seed)
+    batch, q_heads, dim = x["det"][0].shape
+    out = torch.randn(batch, q_heads, splits, dim, generator=g)
+    lse = torch.randn(batch, q_heads, splits, generator=g) * 3
+    empty = torch.rand(batch, q_heads, splits, generator=g) < 0.3
+    lse = torch.where(empty, -math.inf, lse)
+    out = torch.where(empty[..., None], math.nan, out)
+    lse[0, 0] = -math.inf                       # a head whose sample is all empty
+    return out.to(device), lse.to(device)
+
+
+def merge_with_sample(x, sample, with_extra, reuse, out_dtype):
+    return ops.merge_estimate(*x["det"], x["extra"] if with_extra else None, *sample,
+                              x["sample_counts"], x["reused"] if reuse else None,
+                              x["max_logit"], x["moments"], x["vector_moments"],
+                              x["n_residual"], out_dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 33])
+@pytest.mark.parametrize("reuse,with_extra,out_dtype", [(True, True, torch.float32),
+                                                        (False, False, torch.bfloat16),
+                                                        (True, False, torch.float16)])
+def test_merge_estimate_of_split_partials_is_the_merge_of_their_combine(
+        device, splits, reuse, with_extra, out_dtype):
+    """The sample's splits merged inside merge_estimate (one kernel) give what the merge of
+    combine's output gives: bit for bit on the CPU (the same rule, order and arithmetic),
+    within rounding on CUDA (combine's warp reduction sums in another order)."""
+    x = make_inputs(3, 8, 2, 40, seed=splits + 7 * reuse, device=device)
+    out, lse = split_sample(x, splits, splits, device)
+    got = merge_with_sample(x, (out, lse), with_extra, reuse, out_dtype)
+    merged = ops.combine(out.movedim(2, 0).contiguous(), lse.movedim(2, 0).contiguous())
+    ref = merge_with_sample(x, merged, with_extra, reuse, out_dtype)
+    assert got[0].shape == (3, 8, 40) and got[1].shape == (3, 8)
+    if device.type == "cpu":
+        assert torch.equal(got[1].isnan(), ref[1].isnan())
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0, equal_nan=True)
+    else:
+        assert_same(got, ref, out_dtype)
+    assert not torch.isnan(got[0]).any()        # the empty splits' NaN out is never read
+    # S = 1: the [B, Hq, 1, D] view is the merged sample itself.
+    if splits == 1:
+        plain = merge_with_sample(x, (out[:, :, 0], lse[:, :, 0]), with_extra, reuse, out_dtype)
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+
+
+def test_merge_estimate_split_partials_nan(device):
+    """A NaN split lse poisons its head; a NaN in a non-empty split's out reaches that
+    element only."""
+    x = make_inputs(1, 4, 4, 8, seed=11, device=device)
+    x["sample_counts"][:] = 5
+    out = torch.randn(1, 4, 3, 8, generator=gen(2)).to(device)
+    lse = torch.zeros(1, 4, 3, device=device)
+    lse[0, 0, 2] = math.nan
+    out[0, 1, 1, 6] = math.nan
+    got_out, got_lse = merge_with_sample(x, (out, lse), False, True, torch.float32)
+    assert torch.isnan(got_lse[0, 0]) and torch.isnan(got_out[0, 0]).all()
+    assert not torch.isnan(got_lse[0, 1:]).any()
+    assert torch.isnan(got_out[0, 1]).tolist() == [d == 6 for d in range(8)]
+    assert not torch.isnan(got_out[0, 2:]).any()
+
+
 def test_merge_estimate_errors():
     x = make_inputs(2, 4, 2, 8, seed=3)
     det_out, det_lse = x["det"]
@@ -206,6 +273,15 @@ def test_merge_estimate_errors():
         call(out_dtype=torch.float64)
     with pytest.raises(RuntimeError, match="det_out must be"):
         call(det_out=det_out[0])
+    split_out, split_lse = sample_out[:, :, None].expand(-1, -1, 3, -1).contiguous(), \
+        sample_lse[:, :, None].expand(-1, -1, 3).contiguous()
+    call(sample_out=split_out, sample_lse=split_lse)
+    with pytest.raises(RuntimeError, match=r"sample_lse must have shape \[2, 4, 3\]"):
+        call(sample_out=split_out)
+    with pytest.raises(RuntimeError, match=r"sample_out must be \[batch, q_heads, head_dim\] or"):
+        call(sample_out=split_out[None])
+    with pytest.raises(RuntimeError, match="sample_out needs at least one split"):
+        call(sample_out=split_out[:, :, :0], sample_lse=split_lse[:, :, :0])
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -214,4 +290,10 @@ def test_merge_estimate_opcheck(device, reuse):
     args = (*x["det"], *x["extra"], *x["sample"], x["sample_counts"],
             x["reused"] if reuse else None, x["max_logit"], x["moments"],
             x["vector_moments"], x["n_residual"], torch.bfloat16)
+    torch.library.opcheck(torch.ops.vattention.merge_estimate.default, args)
+    # The sample as split partials.
+    out, lse = split_sample(x, 3, 1, device)
+    args = (*x["det"], *x["extra"], out, lse, x["sample_counts"],
+            x["reused"] if reuse else None, x["max_logit"], x["moments"],
+            x["vector_moments"], x["n_residual"], torch.float32)
     torch.library.opcheck(torch.ops.vattention.merge_estimate.default, args)

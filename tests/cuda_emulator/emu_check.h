@@ -269,5 +269,6 @@ void test_sample();
 void test_sparse_attention();
 void test_combine();
 void test_paged();
+void test_launch_count();  // not a stage: the default decode step's kernels
 
 }  // namespace vattention::emu_check

@@ -10,6 +10,7 @@
 // needs no GPU.
 //
 //   vattention_emu_test [--quick]     (EMU_SCHEDULE=lifo or random: other thread orders)
+//   vattention_emu_test --launch-count  (only the default decode step's kernels per op)
 #include <cstdio>
 #include <string>
 
@@ -17,8 +18,15 @@
 
 int main(int argc, char** argv) {
   using namespace vattention::emu_check;
+  bool launch_count_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--quick") g_quick = true;
+    if (std::string(argv[i]) == "--launch-count") launch_count_only = true;
+  }
+  if (launch_count_only) {  // the per-op kernel table only (benchmarks/launch_count.py)
+    test_launch_count();
+    std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
+    return g_failures == 0 ? 0 : 1;
   }
   // Decode order: a broken early stage is reported first.
   test_plan();
@@ -31,6 +39,7 @@ int main(int argc, char** argv) {
   test_sparse_attention();
   test_combine();
   test_paged();
+  test_launch_count();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

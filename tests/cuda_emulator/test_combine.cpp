@@ -96,10 +96,12 @@ void test_combine_nan() {
 
 // merge_estimate (combine.h) under the emulator against merge_estimate_cpu: reuse on / off,
 // the extra partial present / absent, fp32 / fp64 statistics, out dtypes, GQA groups, lists
-// with reused == 0 and count 0, NaN in a partial's lse and out, all-empty heads.
+// with reused == 0 and count 0, NaN in a partial's lse and out, all-empty heads; the sample
+// merged (splits 1) or as split partials (splits > 1: empty splits holding NaN out, a NaN
+// split lse), which on the CPU must equal merge_estimate of combine_cpu's merge bit for bit.
 template <typename Stat>
 void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group,
-                          uint32_t seed) {
+                          uint32_t seed, int64_t splits = 1) {
   std::mt19937 rng(seed);
   const int64_t batch = 2, list_heads = 3, dim = 40;  // dim not a multiple of 32
   const int64_t lists = batch * list_heads, heads = lists * group;
@@ -111,7 +113,8 @@ void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group
   };
   std::vector<float> det_out = values(heads * dim, 0), det_lse = values(heads, 0.2f);
   std::vector<float> ext_out = values(heads * dim, 0), ext_lse = values(heads, 0.2f);
-  std::vector<float> smp_out = values(heads * dim, 0), smp_lse = values(heads, 0.2f);
+  std::vector<float> smp_out = values(heads * splits * dim, 0);
+  std::vector<float> smp_lse = values(heads * splits, splits > 1 ? 0.4f : 0.2f);
   std::vector<float> max_logit = values(heads, 0);
   std::vector<Stat> moments(heads * 3), vector_moments(heads * 2 * dim);
   std::vector<int64_t> n_residual(heads);
@@ -134,9 +137,19 @@ void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group
   det_lse[1] = 1.f;
   det_out[1 * dim + 7] = std::nanf("");                 // head 1: NaN out element
   const int64_t last = heads - 1;                       // last head: every partial empty
-  det_lse[last] = ext_lse[last] = smp_lse[last] = -INFINITY;
+  det_lse[last] = ext_lse[last] = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s) smp_lse[last * splits + s] = -INFINITY;
   reused[lists - 1] = 0;
   for (int64_t d = 0; d < dim; ++d) det_out[last * dim + d] = std::nanf("");
+  if (splits > 1) {
+    // Empty splits whose out is NaN (never read), and head 2 * group + 1: a NaN split lse.
+    for (int64_t i = 0; i < heads * splits; ++i) {
+      if (smp_lse[i] == -INFINITY) {
+        for (int64_t d = 0; d < dim; ++d) smp_out[i * dim + d] = std::nanf("");
+      }
+    }
+    smp_lse[(2 * group + 1) * splits + splits - 1] = std::nanf("");
+  }
 
   MergeEstimateParams p{};
   p.det_out = det_out.data();
@@ -145,6 +158,7 @@ void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group
   p.extra_lse = extra ? ext_lse.data() : nullptr;
   p.sample_out = smp_out.data();
   p.sample_lse = smp_lse.data();
+  p.sample_splits = splits;
   p.pilot_max_logit = max_logit.data();
   p.moments = moments.data();
   p.vector_moments = vector_moments.data();
@@ -185,10 +199,44 @@ void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group
   bad += std::isnan(ref_lse[1]) || !std::isnan(read(ref_out, dim + 7)) ||
          std::isnan(read(ref_out, dim + 6));
   bad += ref_lse[last] != -INFINITY || read(ref_out, last * dim) != 0.f;
-  for (int64_t h = 2 * group; h < 3 * group; ++h) bad += std::isnan(ref_lse[h]);
-  EXPECT(bad == 0, "merge_estimate (reuse %d, extra %d, %s, group %lld, stats %s): %lld wrong",
+  for (int64_t h = 2 * group; h < 3 * group; ++h) {
+    if (splits > 1 && h == 2 * group + 1) {
+      bad += !std::isnan(ref_lse[h]) || !std::isnan(read(ref_out, h * dim));
+    } else {
+      bad += std::isnan(ref_lse[h]);
+    }
+  }
+  if (splits > 1) {
+    // The same merge with the splits merged by combine_cpu first: bit for bit.
+    std::vector<float> merged_out(heads * dim), merged_lse(heads);
+    CombineParams c{};
+    c.partial_out = smp_out.data();
+    c.partial_lse = smp_lse.data();
+    c.item_stride_out = splits * dim;
+    c.split_stride_out = dim;
+    c.item_stride_lse = splits;
+    c.split_stride_lse = 1;
+    c.out = merged_out.data();
+    c.lse = merged_lse.data();
+    c.items = heads;
+    c.num_splits = splits;
+    c.head_dim = dim;
+    combine_cpu(c, 0, heads);
+    std::vector<uint8_t> two_out(heads * dim * elem, 0x33);
+    std::vector<float> two_lse(heads, 9.f);
+    p.sample_out = merged_out.data();
+    p.sample_lse = merged_lse.data();
+    p.sample_splits = 1;
+    p.out = two_out.data();
+    p.lse = two_lse.data();
+    merge_estimate_cpu(p, 0, heads);
+    bad += std::memcmp(two_out.data(), ref_out.data(), two_out.size()) != 0;
+    bad += std::memcmp(two_lse.data(), ref_lse.data(), heads * sizeof(float)) != 0;
+  }
+  EXPECT(bad == 0,
+         "merge_estimate (reuse %d, extra %d, %s, group %lld, stats %s, splits %lld): %lld wrong",
          int(reuse), int(extra), dtype_name(out_dtype), (long long)group,
-         sizeof(Stat) == 8 ? "fp64" : "fp32", (long long)bad);
+         sizeof(Stat) == 8 ? "fp64" : "fp32", (long long)splits, (long long)bad);
 }
 
 void test_merge_estimate() {
@@ -201,6 +249,10 @@ void test_merge_estimate() {
         }
       }
       check_merge_estimate<double>(reuse, extra, DType::kFloat32, 4, ++seed);
+      for (int64_t splits : {1, 2, 7, 40}) {
+        check_merge_estimate<float>(reuse, extra, DType::kBFloat16, 4, ++seed, splits);
+      }
+      check_merge_estimate<double>(reuse, extra, DType::kFloat32, 1, ++seed, 5);
     }
   }
 }

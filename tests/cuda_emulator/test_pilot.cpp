@@ -47,9 +47,13 @@ void test_pilot_case(DType dtype, int64_t dim, int64_t group, bool per_q, int64_
 // K/V head is NaN and only entries beyond a list's count name it, so a block that
 // read past its count would make the head's statistics NaN; the counts are cycled
 // over the lists.
+// op_grid: the grid pilot_stats_cuda_op launches (pilot.h's pilot_split_grid: one
+// split, one kernel, for lists of at most kPilotOneSplitRows) instead of
+// choose_split_grid's.
 void test_pilot_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_q,
                               int64_t max_count, const std::vector<int32_t>& counts,
-                              int64_t workers, int64_t batch, uint32_t seed) {
+                              int64_t workers, int64_t batch, uint32_t seed,
+                              bool op_grid = false) {
   std::mt19937 rng(seed);
   const int64_t kv_heads = 2, q_heads = kv_heads * group, length = max_count + 40;
   QKV t = make_qkv(dtype, batch, q_heads, kv_heads, length, dim, 0, 0, rng);
@@ -88,8 +92,16 @@ void test_pilot_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_
   p.max_logit = gm.data();
   p.moments = gmo.data();
   p.vector_moments = gv.data();
-  const int64_t grid = choose_split_grid(max_count, workers);
+  const int64_t grid =
+      op_grid ? pilot_split_grid(max_count, workers) : choose_split_grid(max_count, workers);
   p.split_target_blocks = kBlocksPerWorker * workers;
+  if (op_grid) {
+    // One kernel exactly up to the bound: no workspace, so no merge kernel.
+    EXPECT((grid == 1) == (max_count <= kPilotOneSplitRows) &&
+               (pilot_stats_cuda_workspace_bytes(p, grid) == 0) == (grid == 1),
+           "pilot_split_grid(%lld, %lld) = %lld", (long long)max_count, (long long)workers,
+           (long long)grid);
+  }
   std::vector<unsigned char> ws(pilot_stats_cuda_workspace_bytes(p, grid));
   check_cuda(pilot_stats_cuda(p, grid, ws.empty() ? nullptr : ws.data(), nullptr),
              "pilot_stats_cuda");
@@ -254,6 +266,13 @@ void test_pilot() {
                              {700, 0, 1, 129, 300, 650, 128, 2, 513, 64, 257}, 64, 3, bseed++);
     test_pilot_balanced_case(DType::kFloat16, 64, 7, false, 400, {400}, 8, 2, bseed++);
     test_pilot_balanced_case(DType::kFloat32, 64, 1, true, 300, {0}, 16, 2, bseed++);
+    // The op's grid at the one-kernel bound (pilot.h): 512 entries in one split per
+    // list, 513 in split-K (4 splits of the 132-SM grid) and the merge kernel.
+    test_pilot_balanced_case(DType::kBFloat16, 128, 4, false, kPilotOneSplitRows,
+                             {int32_t(kPilotOneSplitRows), 3, 0, 511}, 132, 1, bseed++, true);
+    test_pilot_balanced_case(DType::kFloat16, 64, 7, true, kPilotOneSplitRows + 1,
+                             {int32_t(kPilotOneSplitRows) + 1, 1, 0, 200}, 132, 1, bseed++,
+                             true);
   }
 
   // NaN propagation (emu_check.h); seeds odd, interleaved with sparse attention's.

@@ -9,8 +9,10 @@
 namespace vattention::emu_check {
 namespace {
 
+// out_pad > 0: output rows out_pad entries apart beyond k_max (select_topk_into's
+// column slice of a wider list); the gaps must keep their sentinel.
 void test_select_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_max, int value_range,
-                    bool specials, uint32_t seed, const char* label) {
+                    bool specials, uint32_t seed, const char* label, int64_t out_pad = 0) {
   std::mt19937 rng(seed);
   Buffer scores{dtype, {}};
   const int64_t stride = length + 3;  // strided rows
@@ -64,22 +66,29 @@ void test_select_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_
   p.length = length;
   p.k_max = k_max;
   p.dtype = dtype;
-  std::vector<int32_t> ref(size_t(rows * k_max), 12345), got(size_t(rows * k_max), 12345);
+  const int64_t ostride = k_max + out_pad;
+  p.index_row_stride = ostride;
+  std::vector<int32_t> ref(size_t(rows * ostride), 12345), got(size_t(rows * ostride), 12345);
   p.indices = ref.data();
   select_topk_cpu(p, 0, rows);
   p.indices = got.data();
   check_cuda(select_topk_cuda(p, nullptr, nullptr), "select_topk_cuda");
-  int64_t bad = 0;
-  for (size_t i = 0; i < ref.size(); ++i) bad += ref[i] != got[i];
-  EXPECT(bad == 0, "select_topk %s %s rows=%lld length=%lld k_max=%lld: %lld mismatches", label,
-         dtype_name(dtype), (long long)rows, (long long)length, (long long)k_max, (long long)bad);
+  int64_t bad = 0, gap_writes = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    bad += ref[i] != got[i];
+    if (int64_t(i) % ostride >= k_max) gap_writes += (ref[i] != 12345) + (got[i] != 12345);
+  }
+  EXPECT(bad == 0 && gap_writes == 0, "select_topk %s %s rows=%lld length=%lld k_max=%lld "
+         "out_pad=%lld: %lld mismatches, %lld writes between rows", label, dtype_name(dtype),
+         (long long)rows, (long long)length, (long long)k_max, (long long)out_pad,
+         (long long)bad, (long long)gap_writes);
   if (bad) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < k_max; ++j) {
-        if (ref[r * k_max + j] != got[r * k_max + j]) {
+        if (ref[r * ostride + j] != got[r * ostride + j]) {
           std::fprintf(stderr, "  row %lld (start %d end %d k %d) slot %lld: cpu %d cuda %d\n",
-                       (long long)r, starts[r], ends[r], ks[r], (long long)j, ref[r * k_max + j],
-                       got[r * k_max + j]);
+                       (long long)r, starts[r], ends[r], ks[r], (long long)j,
+                       ref[r * ostride + j], got[r * ostride + j]);
           break;
         }
       }
@@ -94,6 +103,7 @@ void test_select_topk_case(DType dtype, int64_t rows, int64_t length, int64_t k_
 void run_topk_compare(SelectTopkParams p, const char* label, const std::vector<int32_t>& starts,
                       const std::vector<int32_t>& ends, const std::vector<int32_t>& ks) {
   std::vector<int32_t> ref(size_t(p.rows * p.k_max), 12345), got(size_t(p.rows * p.k_max), 12345);
+  p.index_row_stride = p.k_max;
   p.indices = ref.data();
   select_topk_cpu(p, 0, p.rows);
   p.indices = got.data();
@@ -286,6 +296,9 @@ void test_select_topk() {
     test_select_topk_case(d, 8, 7, 10, 255, true, 2, "specials");
     test_select_topk_case(d, 12, 64, 30, 3, true, 3, "ties");
     test_select_topk_case(d, 6, 5000, 300, 255, false, 4, "mid");
+    // Output rows a wider list's stride apart (decode's heavy columns), both paths.
+    test_select_topk_case(d, 7, 700, 10, 255, true, 10, "strided-out-warp", 37);
+    test_select_topk_case(d, 5, 3000, 300, 255, true, 11, "strided-out-radix", 5);
   }
   // Cluster of 8 over long rows, large and small k.
   test_select_topk_case(DType::kFloat32, 2, 40000, 2000, 255, false, 5, "cluster-large-k");

@@ -5,10 +5,13 @@
 // every split count and that merge.
 #include "emu_check.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 
 #include "../../csrc/vattention/combine.h"
 #include "../../csrc/vattention/heuristics.h"
+#include "../../csrc/vattention/kv_gather_cuda.cuh"
 #include "../../csrc/vattention/sparse_attention.h"
 
 namespace vattention::emu_check {
@@ -245,7 +248,114 @@ void test_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_q, int
 
 }  // namespace
 
+// The gather's row addressing (kv_gather_cuda.cuh, narrow_row_strides): 32-bit factors
+// into one exact 64-bit multiply-add while every stride a row or block index multiplies
+// fits in 31 bits in bytes, int64 arithmetic once one does not, whatever the extent.
+void test_row_addressing_choice() {
+  QKVParams q{};
+  q.dtype = DType::kFloat16;
+  q.length = int64_t(1) << 24;
+  q.k_row_stride = q.v_row_stride = 1024;  // length * row_stride = 2^34 elements: narrow
+  q.k_batch_stride = q.v_batch_stride = int64_t(1) << 40;  // contiguous: not multiplied
+  const bool big_extent = cuda_detail::narrow_row_strides(q);
+  q.k_row_stride = (int64_t(1) << 30) - 1;  // 2^31 - 2 bytes
+  const bool edge = cuda_detail::narrow_row_strides(q);
+  q.k_row_stride = int64_t(1) << 30;  // 2^31 bytes
+  const bool row_wide = !cuda_detail::narrow_row_strides(q);
+  q.dtype = DType::kFloat32;
+  q.k_row_stride = (int64_t(1) << 29) - 1;
+  const bool f32_edge = cuda_detail::narrow_row_strides(q);
+  q.k_row_stride = int64_t(1) << 29;
+  const bool f32_wide = !cuda_detail::narrow_row_strides(q);
+  const int32_t table[1] = {0};
+  q.k_row_stride = 64;
+  q.paging = KVPaging{table, 1, 16};
+  const bool paged_block_wide = !cuda_detail::narrow_row_strides(q);  // block stride 2^40
+  q.k_batch_stride = q.v_batch_stride = 16 * 64;
+  const bool paged_narrow = cuda_detail::narrow_row_strides(q);
+  const cuda_detail::RowStrides st = cuda_detail::narrow_strides(q);
+  EXPECT(big_extent && edge && row_wide && f32_edge && f32_wide && paged_block_wide &&
+             paged_narrow && st.k_row == 256 && st.v_row == 4096 && st.k_block == 4096,
+         "narrow_row_strides: extent %d edge %d row %d f32 %d/%d paged %d/%d strides %d %d %d",
+         int(big_extent), int(edge), int(row_wide), int(f32_edge), int(f32_wide),
+         int(paged_block_wide), int(paged_narrow), st.k_row, st.v_row, st.k_block);
+}
+
+// The 64-bit path run: K/V whose row (contiguous) or block (paged) stride is 2^31
+// bytes, in a sparse mapping (only the rows written are backed), against the CPU.
+void test_attention_wide_rows(bool paged, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t dim = 64, group = 4, rows = 5, block_size = 2, blocks = 3;
+  const int64_t big = int64_t(1) << 29;  // floats: 2^31 bytes
+  const int64_t spans = paged ? blocks : rows;
+  const size_t bytes = size_t(spans * big + 2 * dim) * sizeof(float);
+  void* map = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (map == MAP_FAILED) {
+    std::printf("  (skipped: no %zu-byte sparse mapping for the 64-bit gather case)\n", bytes);
+    return;
+  }
+  float* k = static_cast<float*>(map);
+  float* v = k + dim;  // V rows beside K's, same strides
+  std::vector<int32_t> table = {2, 0, 1};
+  const int64_t length = paged ? blocks * block_size : rows;
+  auto put_row = [&](int64_t off) {
+    for (int64_t d = 0; d < dim; ++d) {
+      k[off + d] = grid_value(rng);
+      v[off + d] = grid_value(rng);
+    }
+  };
+  if (paged) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t s = 0; s < block_size; ++s) put_row(b * big + s * 2 * dim);
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) put_row(r * big);
+  }
+  std::vector<float> q(size_t(group * dim));
+  for (float& x : q) x = grid_value(rng);
+  SparseAttentionParams p{};
+  QKVParams& a = p.qkv;
+  a.q = q.data();
+  a.k = k;
+  a.v = v;
+  a.q_batch_stride = group * dim;
+  a.q_head_stride = dim;
+  a.k_batch_stride = a.v_batch_stride = paged ? big : spans * big;
+  a.k_head_stride = a.v_head_stride = 0;
+  a.k_row_stride = a.v_row_stride = paged ? 2 * dim : big;
+  if (paged) a.paging = KVPaging{table.data(), blocks, block_size};
+  a.batch = 1;
+  a.q_heads = group;
+  a.kv_heads = 1;
+  a.length = length;
+  a.head_dim = dim;
+  a.dtype = DType::kFloat32;
+  a.scale = 1.f / std::sqrt(float(dim));
+  Lists l = make_lists(1, 1, 23, length, rng);
+  p.list = l.params;
+  p.num_splits = 2;
+  const int64_t items = group * p.num_splits;
+  std::vector<float> ro(items * dim), go(items * dim, 777.f), rl(items), gl(items, 777.f);
+  p.partial_out = ro.data();
+  p.partial_lse = rl.data();
+  sparse_attention_partial_cpu(p, 0, items);
+  p.partial_out = go.data();
+  p.partial_lse = gl.data();
+  check_cuda(sparse_attention_partial_cuda(p, nullptr), "sparse_attention_partial_cuda");
+  int64_t bad = 0;
+  for (int64_t i = 0; i < items; ++i) bad += !close(gl[i], rl[i], 2e-5f, 2e-5f);
+  for (int64_t i = 0; i < items * dim; ++i) bad += !close(go[i], ro[i], 2e-5f, 2e-5f);
+  EXPECT(!cuda_detail::narrow_row_strides(a) && bad == 0,
+         "attention 64-bit rows paged=%d: narrow %d, %lld mismatches", int(paged),
+         int(cuda_detail::narrow_row_strides(a)), (long long)bad);
+  munmap(map, bytes);
+}
+
 void test_sparse_attention() {
+  test_row_addressing_choice();
+  test_attention_wide_rows(false, 31000);
+  test_attention_wide_rows(true, 31001);
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   // The seeds are those the cases had when they ran in one loop with the pilot's
   // (attention even, pilot odd), so each keeps the data it was checked on.

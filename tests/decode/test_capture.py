@@ -164,7 +164,9 @@ def _cuda_pipeline(q, k, v, scores, starts, ends, ks, rng, heavy_max=24, sample_
                                lw.view(batch, kv_heads, sample_max), n.view(batch, kv_heads),
                                0.125, 0)
     out, lse = ops.combine(torch.stack([det[0], smp[0]]), torch.stack([det[1], smp[1]]))
-    return out, lse, stats[1], idx
+    # The sampler writes only each row's first n entries (sample.h): compare those.
+    slots = torch.arange(sample_max, device=idx.device)
+    return out, lse, stats[1], torch.where(slots < n[:, None], idx, -1)
 
 
 def _cuda_pipeline_inputs(seed, length=3000):

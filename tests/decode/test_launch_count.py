@@ -45,3 +45,14 @@ def test_ragged_lengths_cost_no_extra_launch():
     counter = _step_counter(vattention.VAttentionConfig(), torch.tensor([3, 0]),
                             seq_lens=torch.tensor([2048, 700]))
     assert counter.total <= MAX_LAUNCHES, (counter.total, dict(counter.stage_ops))
+
+
+@pytest.mark.parametrize("cfg", [vattention.VAttentionConfig(),
+                                 vattention.VAttentionConfig(share_gqa=False)],
+                         ids=["default", "per-head-lists"])
+def test_the_heavy_list_is_written_in_place_not_copied(cfg):
+    """select_topk_into writes the heavy columns of the deterministic list itself: the step
+    dispatches no copy (gqa_heavy="union" still merges and copies)."""
+    counter = _step_counter(cfg, torch.tensor([3, 0]))
+    assert counter.ops["aten::copy_"] == 0, dict(counter.stage_ops)
+    assert counter.stage_ops["select_topk"] == {"vattention::select_topk_into": 1}
