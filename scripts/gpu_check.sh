@@ -20,10 +20,12 @@
 #                  (skipped if no compute-sanitizer), while
 #   pytest_rest    the rest of tests/ (pytest -m "not cuda", which on this machine also runs
 #                  any CUDA case that lacks the marker) runs in the background
+#   profile_kernels  benchmarks/profile_kernels.py: the CUDA kernels of one default step
 #   bench_decode   benchmarks/bench_decode.py: batch 1 and 16 at 32K and 128K (bf16, 32/8
 #                  heads, D=128), with select_scores and the other stages timed apart
 #   op_timings     python op timings against torch.topk / SDPA
-#   bench_*        C++ benchmarks (JSON); bench_key_summary: summary build / append and
+#   bench_*        C++ benchmarks (JSON; bench_cpp_sweep: sparse attention and top-k at
+#                  B = 1, 4, 16 x N = 8K, 32K, 128K); bench_key_summary: summary build / append and
 #                  select_scores from K against from the summary
 #   sanitize_*     what is left of the budget: racecheck on scripts/sanitizer_case.py, and
 #                  memcheck / racecheck on the C++ benchmarks with --tiny sizes
@@ -391,8 +393,13 @@ step_bench_decode() {
     --json "$OUT/bench_decode.json" --plot "$OUT/bench_decode.png"
 }
 
+step_bench_decode_8k() {
+  "$PY" benchmarks/bench_decode.py --contexts 8192 --batches 1,4,16 --repeats 10 \
+    --json "$OUT/bench_decode_8k.json"
+}
+
 export -f step_env step_build_ext step_cmake_build step_op_timings step_sanitize \
-  step_pytest_cuda step_pytest_rest step_bench_decode curand_include
+  step_pytest_cuda step_pytest_rest step_bench_decode step_bench_decode_8k curand_include
 export ROOT OUT WORK BUILD_DIR
 
 # ---------------------------------------------------------------------------------------
@@ -435,7 +442,13 @@ fi
 
 # Benchmarks only now: nothing else runs on the GPU while they time.
 if (( BUILD_OK == 0 )); then
+  # The CUDA kernels, memsets and memcpys one default step launches (issue 8: <= 12),
+  # at batch 1 and 16, 128K.
+  run_step profile_kernels 40 bash -c '"$PY" benchmarks/profile_kernels.py --batch 1 &&
+    "$PY" benchmarks/profile_kernels.py --batch 16'
   run_step bench_decode 100 bash -c step_bench_decode
+  # 8K, where sparse must stay within 1.1x of dense (dense_below: the device-side fallback).
+  run_step bench_decode_8k 60 bash -c step_bench_decode_8k
   run_step op_timings 60 bash -c step_op_timings
 fi
 wait "$CMAKE_PID"
@@ -444,6 +457,16 @@ if [ -x "$BUILD_DIR/bench_select_topk" ]; then
   run_step bench_select_topk_bf16 45 "$BUILD_DIR/bench_select_topk" --dtype bf16 --json "$OUT/bench_select_topk_bf16.json"
   run_step bench_sparse_attention 60 "$BUILD_DIR/bench_sparse_attention" \
     --json "$OUT/bench_sparse_attention.json"
+  # The serving shapes (issue 8): B = 1, 4, 16 x N = 8K, 32K, 128K, bf16, 32/8 heads,
+  # D = 128, 10% of the rows; top-k rows = B x 8 shared lists. No CPU check (time).
+  run_step bench_cpp_sweep 90 bash -c '
+    for b in 1 4 16; do for n in 8192 32768 131072; do
+      "$BUILD_DIR/bench_sparse_attention" --batch $b --length $n --iters 20 --no-check \
+        --json "$OUT/bench_sparse_attention_B${b}_N${n}.json" | grep -E "^(sparse_attention|  partials)"
+      "$BUILD_DIR/bench_select_topk" --dtype bf16 --rows $((8 * b)) --length $n \
+        --k $((n / 20)) --iters 20 --no-check --json "$OUT/bench_select_topk_B${b}_N${n}.json" |
+        grep -E "^select_topk"
+    done; done'
   if [ -x "$BUILD_DIR/bench_key_summary" ]; then
     run_step bench_key_summary 45 "$BUILD_DIR/bench_key_summary" --json "$OUT/bench_key_summary.json"
   fi
@@ -474,8 +497,10 @@ fi
   done
   f="$OUT"/sanitize_memcheck_py.log
   [ -f "$f" ] && echo "sanitize_memcheck_py: $(grep -E 'ERROR SUMMARY|mismatches|all ops match|skipped' "$f" | tr '\n' ' ')"
-  for f in "$OUT"/bench_decode.log "$OUT"/bench_select_topk_f32.log "$OUT"/bench_select_topk_bf16.log \
-           "$OUT"/bench_sparse_attention.log "$OUT"/bench_key_summary.log "$OUT"/op_timings.log; do
+  f="$OUT"/profile_kernels.log
+  [ -f "$f" ] && grep -E '^(shape|CUDA kernels per decode step)' "$f"
+  for f in "$OUT"/bench_decode.log "$OUT"/bench_decode_8k.log "$OUT"/bench_select_topk_f32.log "$OUT"/bench_select_topk_bf16.log \
+           "$OUT"/bench_sparse_attention.log "$OUT"/bench_cpp_sweep.log "$OUT"/bench_key_summary.log "$OUT"/op_timings.log; do
     [ -f "$f" ] && grep -E '^(B=|        stages|select_topk|sparse_attention|device-to-device|  partials|  check|llama3|gemma3)' "$f"
   done
 } >> "$SUMMARY" 2>/dev/null
