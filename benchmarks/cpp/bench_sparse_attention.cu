@@ -174,18 +174,8 @@ int main(int argc, char** argv) {
     Device d_out(size_t(heads * dim) * 4), d_lse(size_t(heads) * 4);
     p.partial_out = d_pout.as<float>();
     p.partial_lse = d_plse.as<float>();
-    CombineParams c{};
-    c.partial_out = p.partial_out;
-    c.partial_lse = p.partial_lse;
-    c.item_stride_out = p.num_splits * dim;
-    c.split_stride_out = dim;
-    c.item_stride_lse = p.num_splits;
-    c.split_stride_lse = 1;
-    c.out = d_out.as<float>();
-    c.lse = d_lse.as<float>();
-    c.items = heads;
-    c.num_splits = p.num_splits;
-    c.head_dim = dim;
+    const CombineParams c = combine_layout(p.partial_out, p.partial_lse, heads, p.num_splits,
+                                           dim, false, d_out.as<float>(), d_lse.as<float>());
 
     auto partial = [&] { BENCH_CHECK(sparse_attention_partial_cuda(p, nullptr)); };
     auto both = [&] {

@@ -318,19 +318,8 @@ void check_partials(const at::Tensor& partial_out, const at::Tensor& partial_lse
 CombineParams combine_params(const at::Tensor& partial_out, const at::Tensor& partial_lse,
                              int64_t items, int64_t splits, int64_t dim, bool splits_first,
                              const at::Tensor& out, const at::Tensor& lse) {
-  CombineParams c{};
-  c.partial_out = partial_out.data_ptr<float>();
-  c.partial_lse = partial_lse.data_ptr<float>();
-  c.item_stride_out = splits_first ? dim : splits * dim;
-  c.split_stride_out = splits_first ? items * dim : dim;
-  c.item_stride_lse = splits_first ? 1 : splits;
-  c.split_stride_lse = splits_first ? items : 1;
-  c.out = out.data_ptr<float>();
-  c.lse = lse.data_ptr<float>();
-  c.items = items;
-  c.num_splits = splits;
-  c.head_dim = dim;
-  return c;
+  return combine_layout(partial_out.data_ptr<float>(), partial_lse.data_ptr<float>(), items,
+                        splits, dim, splits_first, out.data_ptr<float>(), lse.data_ptr<float>());
 }
 
 

@@ -4,12 +4,52 @@
 #include <torch/library.h>
 
 #include "../vattention/dispatch.h"
+#include "../vattention/heuristics.h"
+#include "../vattention/plan.h"
+
+namespace {
+
+// _C.split_count(work_rows, max_count, workers, balanced): the split count an automatic
+// (num_splits = 0) sparse_attention launch uses, heuristics.h's rule itself, so that the
+// fake kernel of sparse_attention_partials gives the real op's S: choose_split_grid on
+// CUDA (balanced), choose_num_splits on the CPU.
+PyObject* split_count(PyObject*, PyObject* args) {
+  long long work_rows = 0, max_count = 0, workers = 0;
+  int balanced = 0;
+  if (!PyArg_ParseTuple(args, "LLLp", &work_rows, &max_count, &workers, &balanced)) {
+    return nullptr;
+  }
+  return PyLong_FromLongLong(
+      balanced ? vattention::choose_split_grid(max_count, workers)
+               : vattention::choose_num_splits(work_rows, max_count, workers));
+}
+
+// _C.plan_dense_max(length, dense_below, sink_max, local_max): plan.h's extra det_idx
+// columns of the dense rows, for plan_lists' fake kernel.
+PyObject* plan_dense_max(PyObject*, PyObject* args) {
+  long long length = 0, dense_below = 0, sink_max = 0, local_max = 0;
+  if (!PyArg_ParseTuple(args, "LLLL", &length, &dense_below, &sink_max, &local_max)) {
+    return nullptr;
+  }
+  return PyLong_FromLongLong(vattention::plan_dense_max(length, dense_below, sink_max, local_max));
+}
+
+PyMethodDef kMethods[] = {
+    {"split_count", split_count, METH_VARARGS,
+     "split_count(work_rows, max_count, workers, balanced) -> int: heuristics.h's split rule"},
+    {"plan_dense_max", plan_dense_max, METH_VARARGS,
+     "plan_dense_max(length, dense_below, sink_max, local_max) -> int: plan.h's dense columns"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 // Importing vattention._C loads this library and so registers the ops. The
 // module also exposes `cuda_head_dims`, the tuple of head dims the CUDA kernels
-// are built for (kCudaHeadDims), so python checks against the same list.
+// are built for (kCudaHeadDims), so python checks against the same list, and
+// `split_count` and `plan_dense_max` (above): the host rules fake kernels
+// need, from the C++ headers rather than a Python copy.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   PyObject* dims = PyTuple_New(vattention::kNumCudaHeadDims);

@@ -22,6 +22,27 @@ struct CombineParams {
   int64_t head_dim;
 };
 
+// The two layouts the partials come in: sparse_attention's [items, splits, head_dim] /
+// [items, splits], or with splits_first (op combine) [splits, items, head_dim] /
+// [splits, items]; out [items, head_dim], lse [items].
+inline CombineParams combine_layout(const float* partial_out, const float* partial_lse,
+                                    int64_t items, int64_t splits, int64_t head_dim,
+                                    bool splits_first, float* out, float* lse) {
+  CombineParams c{};
+  c.partial_out = partial_out;
+  c.partial_lse = partial_lse;
+  c.item_stride_out = splits_first ? head_dim : splits * head_dim;
+  c.split_stride_out = splits_first ? items * head_dim : head_dim;
+  c.item_stride_lse = splits_first ? 1 : splits;
+  c.split_stride_lse = splits_first ? items : 1;
+  c.out = out;
+  c.lse = lse;
+  c.items = items;
+  c.num_splits = splits;
+  c.head_dim = head_dim;
+  return c;
+}
+
 void combine_cpu(const CombineParams& p, int64_t item_begin, int64_t item_end);
 
 // Op merge_estimate: the last step of a decode, the estimate's partials merged and cast.

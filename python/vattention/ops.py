@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.vattention)
+from . import _C  # loads the library that registers torch.ops.vattention; host rules
 from .config import _slackened, check_qkv, kv_length
 
 Tensor = torch.Tensor
@@ -93,19 +93,6 @@ def sparse_attention_partials(q: Tensor, k: Tensor, v: Tensor, indices: Tensor,
                                                           scale, num_splits, block_table)
 
 
-# heuristics.h's split rule (choose_num_splits, choose_split_grid), for the fake kernel of
-# sparse_attention_partials: S is known from the shapes and the device.
-_MIN_SPLIT_ROWS, _BLOCKS_PER_WORKER, _MAX_SPLITS = 128, 2, 64
-
-
-def _choose_num_splits(work_rows: int, max_count: int, workers: int) -> int:
-    if max_count <= _MIN_SPLIT_ROWS:
-        return 1
-    rows = max(work_rows, 1)
-    to_fill = (_BLOCKS_PER_WORKER * workers + rows - 1) // rows
-    return max(1, min(to_fill, max_count // _MIN_SPLIT_ROWS, _MAX_SPLITS))
-
-
 def attention_splits(device: torch.device, heads: int, max_count: int, num_splits: int) -> int:
     """The split count S of sparse_attention(_partials) for B * Hq = heads query heads over
     lists of max_count entries: num_splits when > 0; automatic (0): on the CPU
@@ -116,8 +103,8 @@ def attention_splits(device: torch.device, heads: int, max_count: int, num_split
     device = torch.device(device)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return _choose_num_splits(1, max_count, sms)
-    return _choose_num_splits(heads, max_count, torch.get_num_threads())
+        return _C.split_count(1, max_count, sms, True)
+    return _C.split_count(heads, max_count, torch.get_num_threads(), False)
 
 
 def combine(partial_out: Tensor, partial_lse: Tensor) -> Tuple[Tensor, Tensor]:
@@ -338,9 +325,7 @@ PLAN_OUTPUTS = ("lengths", "sink", "local", "window_end", "heavy", "starts_rows"
 def plan_dense_max(length: int, dense_below: int, sink_max: int, local_max: int) -> int:
     """The extra det_idx columns plan_lists gives the dense rows (plan.h): room for
     min(length, dense_below) rows beside the sink_max + local_max fixed columns."""
-    if dense_below <= 0:
-        return 0
-    return max(min(length, dense_below) - sink_max - local_max, 0)
+    return _C.plan_dense_max(int(length), int(dense_below), int(sink_max), int(local_max))
 
 
 def plan_lists(q: Tensor, lengths: Optional[Tensor], length: int, list_heads: int, sizes,

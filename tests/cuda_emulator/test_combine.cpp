@@ -21,19 +21,9 @@ void test_combine_splits_first() {
       for (int64_t d = 0; d < dim; ++d) po[(s * items + 1) * dim + d] = std::nanf("");
     }
   }
-  CombineParams c{};
-  c.partial_out = po.data();
-  c.partial_lse = pl.data();
-  c.item_stride_out = dim;
-  c.split_stride_out = items * dim;
-  c.item_stride_lse = 1;
-  c.split_stride_lse = items;
-  c.items = items;
-  c.num_splits = splits;
-  c.head_dim = dim;
   std::vector<float> ro(items * dim), rl(items), go(items * dim), gl(items);
-  c.out = ro.data();
-  c.lse = rl.data();
+  CombineParams c =
+      combine_layout(po.data(), pl.data(), items, splits, dim, true, ro.data(), rl.data());
   combine_cpu(c, 0, items);
   c.out = go.data();
   c.lse = gl.data();
@@ -60,19 +50,9 @@ void test_combine_nan() {
     for (int64_t d = 0; d < dim; ++d) po[(s * items + 2) * dim + d] = nan;
   }
   for (int64_t s = 0; s < splits; ++s) pl[s * items + 3] = -INFINITY;  // item 3: all empty
-  CombineParams c{};
-  c.partial_out = po.data();
-  c.partial_lse = pl.data();
-  c.item_stride_out = dim;
-  c.split_stride_out = items * dim;
-  c.item_stride_lse = 1;
-  c.split_stride_lse = items;
-  c.items = items;
-  c.num_splits = splits;
-  c.head_dim = dim;
   std::vector<float> ro(items * dim), rl(items), go(items * dim, 777.f), gl(items, 777.f);
-  c.out = ro.data();
-  c.lse = rl.data();
+  CombineParams c =
+      combine_layout(po.data(), pl.data(), items, splits, dim, true, ro.data(), rl.data());
   combine_cpu(c, 0, items);
   c.out = go.data();
   c.lse = gl.data();
@@ -209,18 +189,8 @@ void check_merge_estimate(bool reuse, bool extra, DType out_dtype, int64_t group
   if (splits > 1) {
     // The same merge with the splits merged by combine_cpu first: bit for bit.
     std::vector<float> merged_out(heads * dim), merged_lse(heads);
-    CombineParams c{};
-    c.partial_out = smp_out.data();
-    c.partial_lse = smp_lse.data();
-    c.item_stride_out = splits * dim;
-    c.split_stride_out = dim;
-    c.item_stride_lse = splits;
-    c.split_stride_lse = 1;
-    c.out = merged_out.data();
-    c.lse = merged_lse.data();
-    c.items = heads;
-    c.num_splits = splits;
-    c.head_dim = dim;
+    const CombineParams c = combine_layout(smp_out.data(), smp_lse.data(), heads, splits, dim,
+                                           false, merged_out.data(), merged_lse.data());
     combine_cpu(c, 0, heads);
     std::vector<uint8_t> two_out(heads * dim * elem, 0x33);
     std::vector<float> two_lse(heads, 9.f);

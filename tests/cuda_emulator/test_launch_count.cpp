@@ -174,18 +174,8 @@ std::vector<OpCount> default_step(int64_t n) {
   run("sparse_attention (deterministic)", "sparse_attention_partial_cuda + combine_cuda", [&] {
     const int64_t splits = split_partials(det_idx.data(), nullptr, det_counts.data(), width,
                                           &det_po, &det_pl);
-    CombineParams c{};
-    c.partial_out = det_po.data();
-    c.partial_lse = det_pl.data();
-    c.item_stride_out = splits * kDim;
-    c.split_stride_out = kDim;
-    c.item_stride_lse = splits;
-    c.split_stride_lse = 1;
-    c.out = det_out.data();
-    c.lse = det_lse.data();
-    c.items = heads;
-    c.num_splits = splits;
-    c.head_dim = kDim;
+    const CombineParams c = combine_layout(det_po.data(), det_pl.data(), heads, splits, kDim,
+                                           false, det_out.data(), det_lse.data());
     check_cuda(combine_cuda(c, nullptr), "combine");
   });
 

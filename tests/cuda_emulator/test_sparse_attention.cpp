@@ -47,19 +47,9 @@ void test_attention_case(DType dtype, int64_t dim, int64_t group, bool per_q, in
 
   // combine of those partials, [items, splits, D] layout
   const int64_t heads = batch * q_heads;
-  CombineParams c{};
-  c.partial_out = ro.data();
-  c.partial_lse = rl.data();
-  c.item_stride_out = splits * dim;
-  c.split_stride_out = dim;
-  c.item_stride_lse = splits;
-  c.split_stride_lse = 1;
-  c.items = heads;
-  c.num_splits = splits;
-  c.head_dim = dim;
   std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
-  c.out = co.data();
-  c.lse = cl.data();
+  CombineParams c =
+      combine_layout(ro.data(), rl.data(), heads, splits, dim, false, co.data(), cl.data());
   combine_cpu(c, 0, heads);
   c.out = gco.data();
   c.lse = gcl.data();
@@ -91,19 +81,9 @@ void test_attention_nan_case(DType dtype, int64_t dim, int64_t group, bool per_q
   for (int64_t i = 0; i < items * dim; ++i) bad += !same(go[i], ro[i], 2e-5f, 2e-5f);
 
   // Merge the splits (CPU and emulated combine) and check the rule on the result.
-  CombineParams cp{};
-  cp.item_stride_out = splits * dim;
-  cp.split_stride_out = dim;
-  cp.item_stride_lse = splits;
-  cp.split_stride_lse = 1;
-  cp.items = heads;
-  cp.num_splits = splits;
-  cp.head_dim = dim;
   std::vector<float> co(heads * dim), cl(heads), gco(heads * dim, 777.f), gcl(heads, 777.f);
-  cp.partial_out = ro.data();
-  cp.partial_lse = rl.data();
-  cp.out = co.data();
-  cp.lse = cl.data();
+  CombineParams cp =
+      combine_layout(ro.data(), rl.data(), heads, splits, dim, false, co.data(), cl.data());
   combine_cpu(cp, 0, heads);
   cp.partial_out = go.data();
   cp.partial_lse = gl.data();
@@ -219,19 +199,9 @@ void test_balanced_case(DType dtype, int64_t dim, int64_t group, bool per_q, int
       for (int64_t d = 0; d < dim; ++d) surplus_bad += go[item * dim + d] != 777.f;
     }
   }
-  CombineParams c{};
-  c.partial_out = go.data();
-  c.partial_lse = gl.data();
-  c.item_stride_out = grid * dim;
-  c.split_stride_out = dim;
-  c.item_stride_lse = grid;
-  c.split_stride_lse = 1;
-  c.items = heads;
-  c.num_splits = grid;
-  c.head_dim = dim;
   std::vector<float> co(heads * dim), cl(heads);
-  c.out = co.data();
-  c.lse = cl.data();
+  CombineParams c =
+      combine_layout(go.data(), gl.data(), heads, grid, dim, false, co.data(), cl.data());
   combine_cpu(c, 0, heads);
   int64_t bad = 0;
   for (int64_t i = 0; i < heads; ++i) bad += !close(cl[i], rl[i], 2e-5f, 2e-5f);
